@@ -1,0 +1,1 @@
+"""Subcommands of the ``bebop`` CLI (one module each)."""

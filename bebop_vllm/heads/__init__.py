@@ -1,0 +1,1 @@
+"""MTP draft heads: module, checkpoint format, loading and validation."""

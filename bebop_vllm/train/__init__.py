@@ -1,0 +1,1 @@
+"""Training MTP heads: data generation, losses, trainer."""
