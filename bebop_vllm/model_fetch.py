@@ -97,7 +97,7 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.torch_dtype = torch.bfloat16
+    model.config.dtype = torch.bfloat16
     model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
