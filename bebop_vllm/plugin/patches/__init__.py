@@ -1,0 +1,19 @@
+"""Every vLLM internal bebop replaces, in one list that ``register()`` applies once per process.
+
+Each entry is a :class:`~bebop_vllm.plugin.patches.base.Patch`: it names the upstream
+function it replaces (``file:line`` in vLLM 0.32.0), checks the target still looks the way it
+did when the patch was written, and fails loudly otherwise.
+
+To add a patch: write one module here that defines ``PATCH = Patch(...)`` (import vLLM only
+inside ``make_replacement`` / at apply time, so importing this package stays cheap) and
+append it to ``PATCHES`` below. Order matters only where noted.
+"""
+
+from __future__ import annotations
+
+from bebop_vllm.plugin.patches.base import Patch, PatchError
+
+PATCHES: list[Patch] = [
+]
+
+__all__ = ["PATCHES", "Patch", "PatchError"]

@@ -1,0 +1,85 @@
+"""A named, version-pinned monkey patch of one vLLM internal."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PatchError(RuntimeError):
+    """A vLLM internal no longer looks like the one a patch was written for."""
+
+
+@dataclass(eq=False)
+class Patch:
+    """Replace ``owner.attr`` in ``module`` (``owner`` None = a module-level name).
+
+    ``upstream`` names what is replaced, e.g. ``"vllm/engine/arg_utils.py:2060
+    EngineArgs.create_speculative_config (vLLM 0.32.0)"``. ``expected_params`` are the
+    parameter names the original must have (checked before patching). ``make_replacement``
+    receives the original and returns the replacement. ``also`` lists further
+    ``(module, owner, attr)`` places that imported the same object by name and must see
+    the replacement too.
+    """
+
+    name: str
+    upstream: str
+    module: str
+    attr: str
+    make_replacement: Callable[[Any], Any]
+    owner: str | None = None
+    expected_params: tuple[str, ...] | None = None
+    also: tuple[tuple[str, str | None, str], ...] = ()
+    applied: bool = field(default=False, init=False)
+    original: Any = field(default=None, init=False)
+
+    def _container(self, module: str, owner: str | None) -> Any:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            raise PatchError(f"patch {self.name!r}: cannot import {module} ({exc}); "
+                             f"it replaces {self.upstream}") from exc
+        if owner is None:
+            return mod
+        if not hasattr(mod, owner):
+            raise PatchError(f"patch {self.name!r}: {module}.{owner} not found; "
+                             f"it replaces {self.upstream}")
+        return getattr(mod, owner)
+
+    def apply(self) -> None:
+        """Check the target, then swap in the replacement (idempotent)."""
+        if self.applied:
+            return
+        container = self._container(self.module, self.owner)
+        where = f"{self.module}.{self.owner + '.' if self.owner else ''}{self.attr}"
+        if not hasattr(container, self.attr):
+            raise PatchError(f"patch {self.name!r}: {where} not found; it replaces {self.upstream}")
+        original = inspect.getattr_static(container, self.attr)
+        if getattr(original, "__bebop_patch__", None) == self.name:
+            self.applied = True
+            return
+        if self.expected_params is not None:
+            func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+            target = func.__init__ if inspect.isclass(func) else func
+            params = tuple(inspect.signature(target).parameters)
+            if params != self.expected_params:
+                raise PatchError(
+                    f"patch {self.name!r}: {where} has parameters {params}, expected "
+                    f"{self.expected_params} (written for {self.upstream})")
+        replacement = self.make_replacement(original)
+        try:
+            replacement.__bebop_patch__ = self.name
+        except (AttributeError, TypeError):
+            pass
+        setattr(container, self.attr, replacement)
+        for module, owner, attr in self.also:
+            other = self._container(module, owner)
+            if getattr(other, attr, None) is not original:
+                raise PatchError(f"patch {self.name!r}: {module}.{attr} is not the object "
+                                 f"{where}; it replaces {self.upstream}")
+            setattr(other, attr, replacement)
+        self.original = original
+        self.applied = True
