@@ -18,7 +18,7 @@ import importlib.util
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,7 +126,10 @@ def _load_agentic() -> list[Prompt]:
     for fname in BFCL_FILES:
         path = data_dir / fname
         if not path.is_file():
-            raise BebopError(f"{path} is missing from bfcl-eval; reinstall it with `pip install --no-deps --force-reinstall bfcl-eval==2026.3.23`")
+            raise BebopError(
+                f"{path} is missing from bfcl-eval; reinstall it with "
+                "`pip install --no-deps --force-reinstall bfcl-eval==2026.3.23`"
+            )
         for item in _read_json_lines(path):
             turn = item["question"][0]
             tools = item.get("function") or []
@@ -140,12 +143,14 @@ def _load_agentic() -> list[Prompt]:
 _LOADERS = {"math": _load_math, "code": _load_code, "agentic": _load_agentic}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_domain(domain: str) -> tuple[Prompt, ...]:
     return tuple(_LOADERS[domain]())
 
 
-def load_prompts(domains: Iterable[str] = DOMAINS, split: Split = "all", limit_per_domain: int | None = None) -> list[Prompt]:
+def load_prompts(
+    domains: Iterable[str] = DOMAINS, split: Split = "all", limit_per_domain: int | None = None
+) -> list[Prompt]:
     """Prompts of the given domains and split, in a stable order (per domain, sorted by id hash).
 
     ``limit_per_domain`` takes the first N of each domain in that order: a deterministic,

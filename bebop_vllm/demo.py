@@ -35,7 +35,7 @@ def run_demo(args: argparse.Namespace) -> int:
     llm.generate(texts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     print(f"\n== {len(prompts)} held-out prompts, T={args.temperature}, {args.max_tokens} new tokens each ==")
     rates = []
-    for p, text in zip(prompts, texts):
+    for p, text in zip(prompts, texts, strict=True):
         rate, outs = _throughput(llm, [text], params)
         rates.append(rate)
         answer = outs[0].outputs[0].text.replace("\n", " ")

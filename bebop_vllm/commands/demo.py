@@ -6,10 +6,13 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help="run the Bebop demo on the embedded default model",
-                       description="Generate answers for held-out prompts of the three domains "
-                       "with vLLM on the default model and print the text and tokens/s at "
-                       "batch 1 and at full batch.")
+    p = sub.add_parser(
+        name,
+        help="run the Bebop demo on the embedded default model",
+        description="Generate answers for held-out prompts of the three domains "
+        "with vLLM on the default model and print the text and tokens/s at "
+        "batch 1 and at full batch.",
+    )
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts-per-domain", type=int, default=2, help="held-out prompts per domain (default: 2)")
     p.add_argument("--max-tokens", type=int, default=64, help="new tokens per request (default: 64)")

@@ -14,10 +14,20 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "Hugging Face folder under $BEBOP_HOME/models, and verify it. Does nothing if a "
         "complete build is already there; a partial or corrupt one is rebuilt.",
     )
-    p.add_argument("--out", type=Path, default=None, help="target folder (default: $BEBOP_HOME/models/SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="target folder (default: $BEBOP_HOME/models/SmolLM2-135M-Instruct)"
+    )
     p.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
-    p.add_argument("--full-check", action="store_true", help="re-hash every file of an existing build instead of only comparing sizes")
-    p.add_argument("--verify-vllm", action="store_true", help="after building, also load the model with vLLM and generate (starts an engine, ~30 s)")
+    p.add_argument(
+        "--full-check",
+        action="store_true",
+        help="re-hash every file of an existing build instead of only comparing sizes",
+    )
+    p.add_argument(
+        "--verify-vllm",
+        action="store_true",
+        help="after building, also load the model with vLLM and generate (starts an engine, ~30 s)",
+    )
     p.add_argument("--print-path", action="store_true", help="print the model folder on stdout when done")
     return p
 

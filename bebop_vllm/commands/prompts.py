@@ -6,11 +6,31 @@ import argparse
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help="list prompt counts per domain and split, or print prompts",
-                       description="Show the math (CHAMP), code (HumanEval) and agentic (BFCL v4) prompt sets and their deterministic train / held-out split.")
-    p.add_argument("--domain", choices=["math", "code", "agentic"], action="append", help="domain(s) to show (default: all three); repeatable")
-    p.add_argument("--split", choices=["train", "heldout", "all"], default="all", help="which split to print with --show (default: all)")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="print the first N prompts of each domain (chat messages as JSON)")
+    p = sub.add_parser(
+        name,
+        help="list prompt counts per domain and split, or print prompts",
+        description="Show the math (CHAMP), code (HumanEval) and agentic (BFCL v4) prompt sets and their "
+        "deterministic train / held-out split.",
+    )
+    p.add_argument(
+        "--domain",
+        choices=["math", "code", "agentic"],
+        action="append",
+        help="domain(s) to show (default: all three); repeatable",
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "heldout", "all"],
+        default="all",
+        help="which split to print with --show (default: all)",
+    )
+    p.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the first N prompts of each domain (chat messages as JSON)",
+    )
     return p
 
 
