@@ -1,0 +1,217 @@
+"""Head checkpoint folder: ``model.safetensors`` + ``config.json`` (vLLM draft config) + ``bebop.json``.
+
+Saving, loading with validation (refusals name what is wrong), and random heads for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bebop_vllm.errors import BebopError
+from bebop_vllm.heads.metadata import (
+    FORMAT_VERSION,
+    HEAD_ARCHITECTURE,
+    DataProvenance,
+    HeadMetadata,
+    read_metadata,
+    tokenizer_fingerprint,
+)
+from bebop_vllm.heads.module import BebopMTPHead, HeadShape
+from bebop_vllm.heads.target import read_target_config, target_embedding_and_lm_head
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+METADATA_FILE = "bebop.json"
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def expected_tensor_shapes(shape: HeadShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor a head checkpoint must hold, with its shape (the fixed format contract)."""
+    h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
+    nq, nkv = shape.num_attention_heads * d, shape.num_key_value_heads * d
+    return {
+        "enorm.weight": (h,),
+        "hnorm.weight": (h,),
+        "fc.weight": (h, 2 * h),
+        "layer.input_layernorm.weight": (h,),
+        "layer.self_attn.q_proj.weight": (nq, h),
+        "layer.self_attn.k_proj.weight": (nkv, h),
+        "layer.self_attn.v_proj.weight": (nkv, h),
+        "layer.self_attn.o_proj.weight": (h, nq),
+        "layer.post_attention_layernorm.weight": (h,),
+        "layer.mlp.gate_proj.weight": (i, h),
+        "layer.mlp.up_proj.weight": (i, h),
+        "layer.mlp.down_proj.weight": (h, i),
+        "norm.weight": (h,),
+    }
+
+
+def head_config(target_config: dict[str, Any], num_depths: int) -> dict[str, Any]:
+    """The head's ``config.json``: the target's HF config, as a one-layer ``BebopMTPModel``."""
+    cfg = copy.deepcopy(target_config)
+    cfg["architectures"] = [HEAD_ARCHITECTURE]
+    cfg["num_hidden_layers"] = 1
+    cfg["bebop"] = {
+        "num_depths": int(num_depths),
+        "format_version": FORMAT_VERSION,
+        "target_architecture": (target_config.get("architectures") or ["?"])[0],
+    }
+    return cfg
+
+
+def save_heads(
+    head: BebopMTPHead, out_dir: str | Path, target_config: dict[str, Any], metadata: HeadMetadata, dtype: str = "bf16"
+) -> Path:
+    """Write a head folder. ``dtype``: storage dtype of the weights (bf16 or fp32)."""
+    if dtype not in _DTYPES:
+        raise BebopError(f"unknown checkpoint dtype {dtype!r}; choose bf16 or fp32")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(_DTYPES[dtype]).contiguous() for k, v in head.state_dict().items()}
+    missing = set(expected_tensor_shapes(head.shape)) ^ set(tensors)
+    assert not missing, f"head state_dict does not match the format: {sorted(missing)}"
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bebop_format_version": str(FORMAT_VERSION)})
+    (out / CONFIG_FILE).write_text(json.dumps(head_config(target_config, metadata.num_depths), indent=2) + "\n")
+    (out / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
+    return out
+
+
+def _validate_tensors(path: Path, shape: HeadShape) -> dict[str, torch.Tensor]:
+    want = expected_tensor_shapes(shape)
+    with safe_open(str(path), framework="pt") as st:
+        names = set(st.keys())
+        missing, extra = sorted(set(want) - names), sorted(names - set(want))
+        if missing:
+            raise BebopError(f"{path}: missing tensor(s) {', '.join(missing)}")
+        if extra:
+            raise BebopError(f"{path}: unexpected tensor(s) {', '.join(extra)} (not part of the head format)")
+        tensors = {n: st.get_tensor(n) for n in want}
+    for n, t in tensors.items():
+        if tuple(t.shape) != want[n]:
+            raise BebopError(f"{path}: tensor {n} has shape {tuple(t.shape)}, expected {want[n]}")
+        if not torch.isfinite(t.float()).all():
+            raise BebopError(f"{path}: tensor {n} has non-finite values (NaN or inf)")
+    return tensors
+
+
+def _check_against_target(meta: HeadMetadata, head_dir: Path, target_model_dir: Path) -> dict[str, Any]:
+    tcfg = read_target_config(target_model_dir)
+    arch = (tcfg.get("architectures") or ["?"])[0]
+    checks = [
+        ("hidden size", meta.hidden_size, int(tcfg.get("hidden_size", -1))),
+        ("vocab size", meta.vocab_size, int(tcfg.get("vocab_size", -1))),
+        ("target architecture", meta.target_architecture, arch),
+        ("tokenizer fingerprint", meta.tokenizer_fingerprint, tokenizer_fingerprint(target_model_dir)),
+    ]
+    for what, head_value, target_value in checks:
+        if head_value != target_value:
+            raise BebopError(
+                f"head {head_dir} was made for another model: its {what} is {head_value}, "
+                f"the target {target_model_dir} has {target_value}"
+            )
+    return tcfg
+
+
+def load_heads(
+    head_dir: str | Path, target_model_dir: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> BebopMTPHead:
+    """Load and validate a head folder; with ``target_model_dir``, also check it belongs to that
+    target (hidden size, vocab size, architecture, tokenizer) and attach its embedding/lm_head.
+
+    Refuses, naming the problem: a missing file, invalid metadata, a head for another model,
+    missing / extra tensors, wrong shapes, non-finite weights. The returned head has
+    ``.metadata`` (HeadMetadata) and ``.config`` (its config.json).
+    """
+    head_dir = Path(head_dir)
+    if not head_dir.is_dir():
+        raise BebopError(f"head folder {head_dir} does not exist")
+    for f in (WEIGHTS_FILE, CONFIG_FILE, METADATA_FILE):
+        if not (head_dir / f).is_file():
+            raise BebopError(
+                f"{head_dir} has no {f}: a head folder needs {WEIGHTS_FILE}, {CONFIG_FILE} and {METADATA_FILE}"
+            )
+    meta = read_metadata(head_dir)
+    if meta.format_version != FORMAT_VERSION:
+        raise BebopError(f"{head_dir}: head format_version {meta.format_version}, this bebop reads {FORMAT_VERSION}")
+    cfg = json.loads((head_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    if cfg.get("architectures") != [HEAD_ARCHITECTURE]:
+        raise BebopError(
+            f"{head_dir / CONFIG_FILE}: architectures is {cfg.get('architectures')}, expected ['{HEAD_ARCHITECTURE}']"
+        )
+    shape = HeadShape.from_hf_config(cfg)
+    if (shape.hidden_size, shape.vocab_size) != (meta.hidden_size, meta.vocab_size):
+        raise BebopError(
+            f"{head_dir}: config.json (hidden {shape.hidden_size}, vocab {shape.vocab_size}) and "
+            f"bebop.json (hidden {meta.hidden_size}, vocab {meta.vocab_size}) disagree"
+        )
+    if target_model_dir is not None:
+        _check_against_target(meta, head_dir, Path(target_model_dir))
+    tensors = _validate_tensors(head_dir / WEIGHTS_FILE, shape)
+    head = BebopMTPHead(shape)
+    head.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    head.to(dtype)
+    if target_model_dir is not None:
+        head.attach_target(*target_embedding_and_lm_head(target_model_dir, dtype))
+    head.metadata = meta
+    head.config = cfg
+    return head
+
+
+def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = False) -> BebopMTPHead:
+    """A fresh fp32 head for the target. Linear weights ~ N(0, initializer_range), norms = 1.
+
+    ``warm_start``: copy the target's LAST decoder layer into ``layer`` and its final norm into
+    ``norm`` (the head then starts as "one more target layer" on top of a random fc)."""
+    from bebop_vllm.heads.target import read_target_tensors
+
+    tcfg = read_target_config(target_model_dir)
+    head = BebopMTPHead(HeadShape.from_hf_config(tcfg))
+    gen = torch.Generator().manual_seed(seed)
+    std = float(tcfg.get("initializer_range", 0.02))
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        if warm_start:
+            last = int(tcfg["num_hidden_layers"]) - 1
+            names = {
+                n: f"model.layers.{last}.{n[len('layer.') :]}"
+                for n, _ in head.named_parameters()
+                if n.startswith("layer.")
+            }
+            src = read_target_tensors(target_model_dir, [*names.values(), "model.norm.weight"])
+            params = dict(head.named_parameters())
+            for head_name, target_name in names.items():
+                params[head_name].copy_(src[target_name].float())
+            params["norm.weight"].copy_(src["model.norm.weight"].float())
+    head.attach_target(*target_embedding_and_lm_head(target_model_dir))
+    return head
+
+
+def init_random_heads(target_model_dir: str | Path, out_dir: str | Path, num_depths: int = 3, seed: int = 0) -> Path:
+    """Write a randomly initialised head folder for ``target_model_dir`` (right shapes, valid
+    metadata, untrained: for integration tests)."""
+    tcfg = read_target_config(target_model_dir)
+    head = new_head(target_model_dir, seed=seed)
+    meta = HeadMetadata(
+        target_architecture=(tcfg.get("architectures") or ["?"])[0],
+        target_model=Path(target_model_dir).name,
+        hidden_size=int(tcfg["hidden_size"]),
+        vocab_size=int(tcfg["vocab_size"]),
+        tokenizer_fingerprint=tokenizer_fingerprint(target_model_dir),
+        num_depths=num_depths,
+        loss="random-init",
+        data=DataProvenance(source="none"),
+        seed=seed,
+        notes="random weights (init_random_heads); not trained",
+    )
+    return save_heads(head, out_dir, tcfg, meta)

@@ -1,0 +1,271 @@
+"""The Bebop MTP head as a plain PyTorch module (Qwen3.5-MTP style, Llama-family layer).
+
+    x = fc(cat([enorm(embed(token)), hnorm(hidden)], -1))      # embedding FIRST
+    r = layer(x, positions)                                      # one Llama decoder layer
+    logits = lm_head(norm(r))                                    # target's frozen lm_head
+
+At position p the depth-1 input is (token x_{p+1}, target hidden h_p) and it predicts
+x_{p+2}. Depth j > 1 is recursive: the previous depth's ``r`` (before ``norm``) replaces the
+target hidden state and the drafted token feeds the embedding.
+
+The decoder layer is written out here (not borrowed from transformers) because training needs
+a custom attention pattern (``unroll``) that reproduces vLLM's draft KV cache exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bebop_vllm.errors import BebopError
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The target's shapes the head copies (from the target's HF ``config.json``)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> HeadShape:
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if cfg.get("model_type") != "llama":
+            raise BebopError(
+                f"bebop heads support Llama-family targets (model_type 'llama'); this target has "
+                f"model_type {cfg.get('model_type')!r} ({arch})"
+            )
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise BebopError("bebop heads expect a Llama layer with silu MLP and no attention/MLP biases")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise BebopError(f"bebop heads support the default RoPE only; the target uses rope_type {rope_type!r}")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return cls(
+            hidden_size=h,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_attention_heads=n,
+            num_key_value_heads=int(cfg.get("num_key_value_heads", n)),
+            head_dim=int(cfg.get("head_dim") or h // n),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+        )
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm (computed in fp32, as transformers and vLLM do)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Default (neox-style, rotate-half) RoPE tables for ``positions`` [..., L] -> [..., L, head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, L, d]; cos/sin [B, L, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, s: HeadShape) -> None:
+        super().__init__()
+        self.s = s
+        self.q_proj = nn.Linear(s.hidden_size, s.num_attention_heads * s.head_dim, bias=False)
+        self.k_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, bias=False)
+        self.v_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, bias=False)
+        self.o_proj = nn.Linear(s.num_attention_heads * s.head_dim, s.hidden_size, bias=False)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q and k, and v, each [B, num_attention_heads, L, d] (kv heads repeated for GQA)."""
+        b, n, _ = x.shape
+        s = self.s
+        q = self.q_proj(x).view(b, n, s.num_attention_heads, s.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, s.num_key_value_heads, s.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, s.num_key_value_heads, s.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(positions, s.head_dim, s.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = s.num_attention_heads // s.num_key_value_heads
+        return q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, s: HeadShape) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One Llama decoder layer, split around attention so callers choose the attention pattern."""
+
+    def __init__(self, s: HeadShape) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.self_attn = Attention(s)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.mlp = MLP(s)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.qkv(self.input_layernorm(x), positions)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual stream after attention output ``attn`` [B, heads, L, d] and the MLP."""
+        b, _, n, _ = attn.shape
+        x = x + self.self_attn.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _shift_right(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """out[..., p, ...] = x[..., p - k, ...] along ``dim``, zeros for p < k."""
+    if k == 0:
+        return x
+    n = x.shape[dim]
+    pad = torch.zeros_like(x.narrow(dim, 0, min(k, n)))
+    return torch.cat([pad, x.narrow(dim, 0, max(n - k, 0))], dim=dim)
+
+
+class BebopMTPHead(nn.Module):
+    """MTP head: parameters as stored in ``model.safetensors``; the target's embedding and
+    lm_head are attached as frozen, non-persistent buffers (never saved)."""
+
+    def __init__(self, shape: HeadShape) -> None:
+        super().__init__()
+        self.shape = shape
+        h = shape.hidden_size
+        self.enorm = RMSNorm(h, shape.rms_norm_eps)
+        self.hnorm = RMSNorm(h, shape.rms_norm_eps)
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.layer = DecoderLayer(shape)
+        self.norm = RMSNorm(h, shape.rms_norm_eps)
+        self.register_buffer("embed_weight", torch.empty(0), persistent=False)
+        self.register_buffer("lm_head_weight", torch.empty(0), persistent=False)
+
+    # -- target I/O ------------------------------------------------------------------------
+    def attach_target(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Attach the target's (frozen) embedding [V, H] and lm_head [V, H] weights."""
+        want = (self.shape.vocab_size, self.shape.hidden_size)
+        for name, w in (("embedding", embed_weight), ("lm_head", lm_head_weight)):
+            if tuple(w.shape) != want:
+                raise BebopError(f"target {name} has shape {tuple(w.shape)}, the head expects {want}")
+        self.embed_weight = embed_weight.detach()
+        self.lm_head_weight = lm_head_weight.detach()
+
+    def _need_target(self) -> None:
+        if self.embed_weight.numel() == 0:
+            raise BebopError(
+                "the head has no target attached: call attach_target(...) or load_heads(..., target_model_dir=...)"
+            )
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        self._need_target()
+        return F.embedding(token_ids, self.embed_weight).to(self.fc.weight.dtype)
+
+    def logits(self, residual: torch.Tensor) -> torch.Tensor:
+        """Draft logits = target lm_head(norm(residual)), computed in the head's dtype."""
+        self._need_target()
+        x = self.norm(residual)
+        return x @ self.lm_head_weight.to(x.dtype).T
+
+    def fuse(self, token_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.enorm(token_embeds), self.hnorm(hidden.to(token_embeds.dtype))], dim=-1))
+
+    # -- training: all chains of a sequence at once, teacher-forced ---------------------------
+    def unroll(self, next_token_ids: torch.Tensor, target_hidden: torch.Tensor, num_depths: int) -> list[torch.Tensor]:
+        """Teacher-forced residual outputs for every chain and depth, position-indexed.
+
+        Inputs for positions p = 0..L-1 of one batch of sequences: ``next_token_ids`` [B, L]
+        = x_{p+1} and ``target_hidden`` [B, L, H] = h_p (target final hidden, post-norm).
+        Returns ``[r_1, .., r_g]``, each [B, L, H]: r_j[p] is depth j of the chain that starts
+        at t = p - j + 1 (it predicts x_{p+2}; valid for p >= j - 1).
+
+        Attention reproduces vLLM's draft KV cache exactly: the depth-j query of chain t (at
+        position p = t + j - 1) sees the depth-1 keys of positions <= t (entries computed from
+        target hidden states) plus the chain's own depth-2..j keys at t+1..p; all in one softmax.
+        """
+        b, n = next_token_ids.shape
+        positions = torch.arange(n).expand(b, n)
+        emb = self.embed(next_token_ids)
+        scale = 1.0 / math.sqrt(self.shape.head_dim)
+        key_pos = torch.arange(n)
+        hidden = target_hidden
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        for j in range(1, num_depths + 1):
+            if j > 1:  # depth j at p consumes depth j-1 of the same chain, which sits at p-1
+                hidden = _shift_right(outs[-1], 1, dim=1)
+            x = self.fuse(emb, hidden)
+            q, k, v = self.layer.qkv(x, positions)
+            keys.append(k)
+            values.append(v)
+            shared = (q @ keys[0].transpose(-1, -2)) * scale  # [B, heads, L, L] vs depth-1 keys
+            visible = key_pos[None, :] <= (key_pos[:, None] - (j - 1))  # keys <= t = p - j + 1
+            shared = shared.masked_fill(~visible, float("-inf"))
+            # chain-own keys: depth i (2..i..j) entry of the same chain sits at p - (j - i)
+            own_k = [_shift_right(keys[i - 1], j - i, dim=2) for i in range(2, j + 1)]
+            own_v = [_shift_right(values[i - 1], j - i, dim=2) for i in range(2, j + 1)]
+            own = [(q * kk).sum(-1, keepdim=True) * scale for kk in own_k]
+            probs = torch.softmax(torch.cat([shared, *own], dim=-1).float(), dim=-1).to(q.dtype)
+            attn = probs[..., :n] @ values[0]
+            for i, vv in enumerate(own_v):
+                attn = attn + probs[..., n + i : n + i + 1] * vv
+            outs.append(self.layer.finish(x, attn))
+        return outs
+
+    # -- inference: one step with an explicit KV cache (the slow reference) --------------------
+    def step(
+        self,
+        token_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        cache: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Run entries at ``positions`` [n] (one sequence) and write them into ``cache``
+        (position -> (k, v), overwriting, as vLLM's slot mapping does); each query attends
+        to every cached entry at a position <= its own. Returns the residual outputs [n, H]."""
+        x = self.fuse(self.embed(token_ids[None]), hidden[None])
+        q, k, v = self.layer.qkv(x, positions[None])
+        for i, p in enumerate(positions.tolist()):
+            cache[p] = (k[0, :, i], v[0, :, i])
+        cached = sorted(cache)
+        kc = torch.stack([cache[p][0] for p in cached], dim=1)[None]  # [1, heads, P, d]
+        vc = torch.stack([cache[p][1] for p in cached], dim=1)[None]
+        mask = torch.tensor(cached)[None, :] <= positions[:, None]
+        scores = (q @ kc.transpose(-1, -2)) / math.sqrt(self.shape.head_dim)
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(q.dtype)
+        return self.layer.finish(x, probs @ vc)[0]
