@@ -6,5 +6,23 @@ from bebop_vllm.kernels.prob_math import (
     expected_accepted_length,
     residual_distribution,
 )
+from bebop_vllm.kernels.random_numbers import RejectionUniforms, draw_uniforms
+from bebop_vllm.kernels.rejection import (
+    RejectionOutput,
+    greedy_verify,
+    rejection_sample,
+    rejection_sample_from_logits,
+)
 
-__all__ = ["acceptance_rate", "entropy", "expected_accepted_length", "residual_distribution"]
+__all__ = [
+    "RejectionOutput",
+    "RejectionUniforms",
+    "acceptance_rate",
+    "draw_uniforms",
+    "entropy",
+    "expected_accepted_length",
+    "greedy_verify",
+    "rejection_sample",
+    "rejection_sample_from_logits",
+    "residual_distribution",
+]
