@@ -1,0 +1,169 @@
+"""Head-training losses over draft logits ``[N, g, V]`` and target probabilities ``[N, g, V]``.
+
+Row n is one draft chain, column j its depth j + 1; ``target_probs`` is stop-gradient (the
+frozen target's tempered distribution i positions ahead) and ``mask`` [N, g] is False where the
+chain runs past the end of its sequence. Math: DESIGN.md §2.
+
+Memory: the vocabulary math runs over row chunks of ``CHUNK_ROWS`` rows per depth; the
+acceptance rate's forward holds two [chunk, V] fp32 temporaries (q and min(p, q)) and its
+backward recomputes q per chunk (closed-form gradient, no softmax kept for autograd); KL / CE
+chunks run under activation checkpointing, so their softmax is recomputed chunk by chunk too.
+Only the inputs and the gradient of ``draft_logits`` are ever full size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from bebop_vllm.kernels import acceptance_rate
+
+CHUNK_ROWS = 256
+HYBRID_ETA = 3.0
+
+
+def _row_chunks(n: int, chunk: int) -> list[slice]:
+    return [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
+
+
+class _AcceptanceRate(torch.autograd.Function):
+    """alpha = sum_v min(p, softmax(z)) per row, with d alpha / d z_v = q_v (1[q_v <= p_v] - S),
+    S = sum_{u: q_u <= p_u} q_u: no division, so finite even where alpha = 0."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target_probs: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits, target_probs)
+        ctx.chunk = chunk
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for rows in _row_chunks(logits.shape[0], chunk):
+            q = torch.softmax(logits[rows], dim=-1, dtype=torch.float32)
+            out[rows] = acceptance_rate(target_probs[rows].float(), q)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_alpha: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        logits, target_probs = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _row_chunks(logits.shape[0], ctx.chunk):
+            q = torch.softmax(logits[rows], dim=-1, dtype=torch.float32)
+            below = q <= target_probs[rows]
+            s = torch.where(below, q, 0.0).sum(-1, keepdim=True)
+            q.mul_(below.to(q.dtype).sub_(s)).mul_(grad_alpha[rows, None])
+            grad[rows] = q.to(grad.dtype)
+        return grad, None, None
+
+
+def acceptance_rates(draft_logits: torch.Tensor, target_probs: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """One-step acceptance alpha [N, g] = sum_v min(p, softmax(z)), differentiable in the logits."""
+    _check(draft_logits, target_probs)
+    cols = [
+        _AcceptanceRate.apply(draft_logits[:, j], target_probs[:, j].detach(), chunk)
+        for j in range(draft_logits.shape[1])
+    ]
+    return torch.stack(cols, dim=1)
+
+
+def _check(draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    if draft_logits.dim() != 3 or draft_logits.shape != target_probs.shape:
+        raise ValueError(
+            f"draft_logits and target_probs must both be [N, g, V]; got {tuple(draft_logits.shape)} "
+            f"and {tuple(target_probs.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != tuple(draft_logits.shape[:2]):
+        raise ValueError(f"mask must be [N, g] = {tuple(draft_logits.shape[:2])}, got {tuple(mask.shape)}")
+
+
+def _full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over True entries (0 if there are none, keeping the graph)."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
+def e2e_tv_loss(
+    draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """End-to-end TV loss (paper Eq. 13): mean over chains of 1 - (1/g) sum_j prod_{i<=j} alpha_i.
+
+    Masked positions count as alpha = 0 in their chain; chains masked at every depth are left
+    out of the mean. Equals 1 - E[accepted drafts] / g of chain rejection sampling when the
+    depths are independent (the teacher-forced approximation, DESIGN.md §2).
+    """
+    _check(draft_logits, target_probs, mask)
+    m = _full_mask(draft_logits, mask)
+    alpha = torch.where(m, acceptance_rates(draft_logits, target_probs), 0.0)
+    per_chain = 1 - torch.cumprod(alpha, dim=1).mean(dim=1)
+    return _masked_mean(per_chain, m.any(dim=1))
+
+
+def tv_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-depth total variation, mean over unmasked (chain, depth) of 1 - alpha (no product)."""
+    _check(draft_logits, target_probs, mask)
+    m = _full_mask(draft_logits, mask)
+    return _masked_mean(1 - acceptance_rates(draft_logits, target_probs), m)
+
+
+def _kl_rows(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    p = target_probs.float()
+    logq = torch.log_softmax(logits.float(), dim=-1)
+    return (torch.special.xlogy(p, p) - p * logq).sum(-1)
+
+
+def _chunked_rows(fn, logits: torch.Tensor, other: torch.Tensor, chunk: int) -> torch.Tensor:  # noqa: ANN001
+    """fn over row chunks under checkpointing: its [chunk, V] temporaries are not kept."""
+    parts = [
+        checkpoint(fn, logits[rows], other[rows], use_reentrant=False) for rows in _row_chunks(logits.shape[0], chunk)
+    ]
+    return torch.cat(parts)
+
+
+def kl_per_position(draft_logits: torch.Tensor, target_probs: torch.Tensor, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Forward KL(p || q) [N, g] in nats."""
+    _check(draft_logits, target_probs)
+    cols = [
+        _chunked_rows(_kl_rows, draft_logits[:, j], target_probs[:, j].detach(), chunk)
+        for j in range(draft_logits.shape[1])
+    ]
+    return torch.stack(cols, dim=1)
+
+
+def kl_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL(p || q), mean over unmasked (chain, depth)."""
+    _check(draft_logits, target_probs, mask)
+    return _masked_mean(kl_per_position(draft_logits, target_probs), _full_mask(draft_logits, mask))
+
+
+def _ce_rows(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), target_ids, reduction="none")
+
+
+def ce_loss(draft_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy against the sampled tokens ``target_ids`` [N, g] (DeepSeek-V3 MTP), mean over
+    unmasked (chain, depth). Masked positions may hold any id (e.g. -1)."""
+    if draft_logits.dim() != 3 or tuple(target_ids.shape) != tuple(draft_logits.shape[:2]):
+        raise ValueError(
+            f"ce_loss wants draft_logits [N, g, V] and target_ids [N, g]; got {tuple(draft_logits.shape)} "
+            f"and {tuple(target_ids.shape)}"
+        )
+    m = _full_mask(draft_logits, mask)
+    ids = torch.where(m, target_ids, 0).long()
+    cols = [_chunked_rows(_ce_rows, draft_logits[:, j], ids[:, j], CHUNK_ROWS) for j in range(draft_logits.shape[1])]
+    return _masked_mean(torch.stack(cols, dim=1), m)
+
+
+def hybrid_loss(
+    draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None, eta: float = HYBRID_ETA
+) -> torch.Tensor:
+    """lambda * KL + (1 - lambda) * TV per (chain, depth), lambda = exp(-eta * sg[alpha]): KL's
+    strong gradient at a cold start (alpha ~ 0), TV once acceptance is high."""
+    _check(draft_logits, target_probs, mask)
+    m = _full_mask(draft_logits, mask)
+    alpha = acceptance_rates(draft_logits, target_probs)
+    lam = torch.exp(-eta * alpha.detach())
+    per = lam * kl_per_position(draft_logits, target_probs) + (1 - lam) * (1 - alpha)
+    return _masked_mean(per, m)
+
+
+LOSSES = ("ce", "kl", "tv", "e2e-tv", "hybrid")
