@@ -7,17 +7,19 @@ import threading
 _lock = threading.Lock()
 _registered = False
 
-
-DRAFT_ARCHITECTURE = "BebopMTPModel"
+# The heads' config.json names "BebopMTPModel"; vLLM's EAGLEConfig (method "eagle", which the
+# "bebop" method runs under) renames it "EagleBebopMTPModel". Both resolve to the same class.
+DRAFT_ARCHITECTURES = ("BebopMTPModel", "EagleBebopMTPModel")
 
 
 def _register_models() -> None:
     from vllm import ModelRegistry
 
-    # Lazy "module:Class" form: the module (and torch model code) is imported only where a
-    # draft model is actually built.
-    if DRAFT_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(DRAFT_ARCHITECTURE, "bebop_vllm.plugin.draft_model:BebopMTPModel")
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch in DRAFT_ARCHITECTURES:
+        if arch not in supported:
+            # Lazy "module:Class" form: the model code is imported only where a draft is built.
+            ModelRegistry.register_model(arch, "bebop_vllm.plugin.draft_model:BebopMTPModel")
 
 
 def register() -> None:

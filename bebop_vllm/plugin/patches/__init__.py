@@ -11,9 +11,21 @@ append it to ``PATCHES`` below. Order matters only where noted.
 
 from __future__ import annotations
 
+from bebop_vllm.plugin.patches import (
+    cpu_expand_fix,
+    draft_sampling,
+    model_runner,
+    runner_v2_guard,
+    speculative_config,
+)
 from bebop_vllm.plugin.patches.base import Patch, PatchError
 
 PATCHES: list[Patch] = [
+    speculative_config.PATCH,  # method "bebop" -> eagle + options in additional_config
+    runner_v2_guard.PATCH,  # bebop engines run on the V1 model runner (GPU)
+    cpu_expand_fix.PATCH,  # CPU: per-token temperature/top-k/top-p were uninitialised memory
+    draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
+    model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
 ]
 
 __all__ = ["PATCHES", "Patch", "PatchError"]

@@ -1,0 +1,179 @@
+"""User-facing options of the ``"bebop"`` speculative method, validated before the engine starts.
+
+``speculative_config={"method": "bebop", "model": HEADS_DIR, "num_speculative_tokens": 3,
+"draft_sampling": "probabilistic", "verifier": "bebop", "metrics": "summary"}`` is checked here
+and translated (by :mod:`bebop_vllm.plugin.patches.speculative_config`) into vLLM's own EAGLE
+method. The validated options travel to every worker in ``additional_config["bebop"]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bebop_vllm.errors import BebopError
+
+METHOD_NAME = "bebop"
+# Key under VllmConfig.additional_config that carries BebopOptions to the workers.
+ADDITIONAL_CONFIG_KEY = "bebop"
+# vLLM method our heads run under: EAGLE's proposer feeds (token, hidden state) pairs with the
+# target's post-norm hidden state, has a KV-cached draft layer and drafts depths recursively.
+UNDERLYING_METHOD = "eagle"
+MAX_SPECULATIVE_TOKENS = 16
+
+DraftSampling = Literal["probabilistic", "greedy"]
+Verifier = Literal["bebop", "vllm"]
+MetricsLevel = Literal["summary", "detailed"]
+
+
+class BebopSpecError(BebopError, ValueError):
+    """Invalid ``speculative_config`` for method ``"bebop"`` (a ValueError so vLLM's CLI shows it)."""
+
+
+class BebopOptions(BaseModel):
+    """The ``speculative_config`` keys accepted when ``method == "bebop"``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["bebop"] = Field(description='Always "bebop".')
+    model: str | None = Field(
+        default=None,
+        description="Heads folder (model.safetensors + config.json + bebop.json). Defaults to "
+        "the shipped heads when the target is the default model.",
+    )
+    num_speculative_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_SPECULATIVE_TOKENS,
+        description="Draft tokens per verify step (default: the heads' trained depth g).",
+    )
+    draft_sampling: DraftSampling = Field(
+        default="probabilistic",
+        description="probabilistic: draft from the request's own sampling distribution "
+        "(temperature/top-k/top-p) and verify with the draft probabilities; greedy: argmax drafts.",
+    )
+    verifier: Verifier = Field(
+        default="bebop", description="bebop: our rejection-sampling kernels; vllm: vLLM's own."
+    )
+    metrics: MetricsLevel = Field(
+        default="summary", description="Per-request speculative metrics level."
+    )
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "speculative_config"
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(BebopOptions.model_fields)
+            lines.append(f"unknown key {loc!r}; valid keys: {valid}")
+        else:
+            field = BebopOptions.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+            hint = f" ({field.description})" if field is not None and field.description else ""
+            lines.append(f"{loc}={err.get('input')!r}: {err['msg']}{hint}")
+    return "invalid speculative_config for method 'bebop': " + "; ".join(lines)
+
+
+def parse_options(raw: dict[str, Any]) -> BebopOptions:
+    """Validate a raw ``speculative_config`` dict (``-`` in keys accepted as ``_``)."""
+    if not isinstance(raw, dict):
+        raise BebopSpecError(f"speculative_config must be a dict, got {type(raw).__name__}")
+    cleaned = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    try:
+        return BebopOptions(**cleaned)
+    except ValidationError as exc:
+        raise BebopSpecError(_format_validation_error(exc)) from None
+
+
+def options_from_additional_config(additional_config: dict[str, Any] | None) -> BebopOptions | None:
+    """The options a worker received, or None when the engine does not run bebop."""
+    if not additional_config or ADDITIONAL_CONFIG_KEY not in additional_config:
+        return None
+    return BebopOptions(**additional_config[ADDITIONAL_CONFIG_KEY])
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BebopSpecError(f"heads folder {path.parent} has no {path.name} ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BebopSpecError(f"heads file {path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BebopSpecError(f"heads file {path} must hold a JSON object")
+    return data
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header, without reading the weights."""
+    try:
+        with path.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+    except FileNotFoundError:
+        raise BebopSpecError(f"heads folder {path.parent} has no {path.name}") from None
+    except (OSError, ValueError) as exc:
+        raise BebopSpecError(f"heads weights {path} are not a valid safetensors file ({exc})") from None
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any) -> int:
+    """Check a heads folder against the target model; return its trained depth g.
+
+    Catches what would otherwise surface as a deep vLLM traceback (or, worse, silently wrong
+    drafts): a missing folder, missing/corrupt files, heads trained for another model.
+    """
+    path = Path(heads_dir).expanduser()
+    if not path.is_dir():
+        raise BebopSpecError(
+            f"heads folder {path} does not exist; pass the folder written by `bebop train` "
+            "(model.safetensors, config.json, bebop.json) as speculative_config['model']")
+    config = _read_json(path / "config.json", "the draft model's HF config")
+    if "BebopMTPModel" not in (config.get("architectures") or []):
+        raise BebopSpecError(
+            f"{path / 'config.json'} has architectures={config.get('architectures')!r}, expected "
+            "['BebopMTPModel']: this is not a bebop heads folder")
+    meta = config.get("bebop") or {}
+    num_depths = meta.get("num_depths")
+    if not isinstance(num_depths, int) or num_depths < 1:
+        raise BebopSpecError(f"{path / 'config.json'} lacks bebop.num_depths (a positive integer)")
+    _read_json(path / "bebop.json", "the heads metadata")
+
+    hidden = int(getattr(target_hf_config, "hidden_size", -1))
+    vocab = int(getattr(target_hf_config, "vocab_size", -1))
+    for key, want in (("hidden_size", hidden), ("vocab_size", vocab)):
+        if config.get(key) != want:
+            raise BebopSpecError(
+                f"heads in {path} were made for a model with {key}={config.get(key)}, "
+                f"but the target model has {key}={want}: use heads trained for this model")
+    target_type = getattr(target_hf_config, "model_type", None)
+    if config.get("model_type") not in (None, target_type):
+        raise BebopSpecError(
+            f"heads in {path} were made for model_type={config.get('model_type')!r}, "
+            f"the target is {target_type!r}")
+
+    shapes = _safetensors_shapes(path / "model.safetensors")
+    expected = {
+        "fc.weight": [hidden, 2 * hidden],
+        "enorm.weight": [hidden],
+        "hnorm.weight": [hidden],
+        "norm.weight": [hidden],
+        "layer.self_attn.o_proj.weight": None,
+        "layer.mlp.down_proj.weight": None,
+    }
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise BebopSpecError(f"heads weights {path / 'model.safetensors'} lack tensor {name!r}")
+        if shape is not None and shapes[name] != shape:
+            raise BebopSpecError(
+                f"heads tensor {name!r} has shape {shapes[name]}, expected {shape} for a target "
+                f"with hidden_size={hidden}")
+    return num_depths

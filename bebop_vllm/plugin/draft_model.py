@@ -1,0 +1,149 @@
+"""``BebopMTPModel``: our MTP heads as a vLLM draft model, driven by vLLM's EAGLE proposer.
+
+Checkpoint (contract with bebop_vllm.heads): ``enorm``, ``hnorm``, ``fc`` [H, 2H] on
+cat([enorm(embed(x_{t+1})), hnorm(h_t)]), one Llama decoder layer under ``layer.``, and ``norm``
+before the target's lm_head. Embedding and lm_head are the target's: the proposer shares them
+(``has_own_embed_tokens``/``has_own_lm_head`` = False, llm_base_proposer.py:1416/1508).
+
+The EAGLE proposer (vllm/v1/spec_decode/llm_base_proposer.py:512) calls ``forward`` with the
+target's post-norm hidden states at depth 1 and with the second element we return (the layer's
+residual stream, *before* ``norm``) at depths > 1; it computes logits from the first element,
+which is therefore ``norm(layer_out)``. The decoder layer has its own KV cache slot (prefix
+``model.layers.<num_target_layers>``) and RoPE at the target's positions.
+
+vLLM registers this class twice: as ``BebopMTPModel`` (the heads' ``architectures``) and as
+``EagleBebopMTPModel`` (the name vLLM's EAGLEConfig derives for method "eagle").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ReplicatedLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.model_executor.models.utils import maybe_prefix
+
+# HF names of the decoder layer's projections -> vLLM's fused parameters.
+_STACKED = (
+    (".qkv_proj", ".q_proj", "q"),
+    (".qkv_proj", ".k_proj", "k"),
+    (".qkv_proj", ".v_proj", "v"),
+    (".gate_up_proj", ".gate_proj", 0),
+    (".gate_up_proj", ".up_proj", 1),
+)
+
+
+class BebopHeadModel(nn.Module):
+    """enorm/hnorm -> fc -> one decoder layer -> (norm(out), out)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, layer_index: int) -> None:
+        super().__init__()
+        spec = vllm_config.speculative_config
+        assert spec is not None and spec.draft_model_config is not None
+        config = spec.draft_model_config.hf_config
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        # Placeholder: replaced by the target's embedding in the proposer's load_model.
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, hidden, prefix=maybe_prefix(prefix, "embed_tokens")
+        )
+        self.enorm = RMSNorm(hidden, eps=eps)
+        self.hnorm = RMSNorm(hidden, eps=eps)
+        self.fc = ReplicatedLinear(
+            input_size=2 * hidden,
+            output_size=hidden,
+            bias=False,
+            params_dtype=vllm_config.model_config.dtype,
+            prefix=maybe_prefix(prefix, "fc"),
+            return_bias=False,
+        )
+        # Named after the target's layers so its attention gets its own KV-cache slot.
+        self.layer = LlamaDecoderLayer(vllm_config, prefix=maybe_prefix(prefix, f"layers.{layer_index}"), config=config)
+        self.norm = RMSNorm(hidden, eps=eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds = self.enorm(self.embed_tokens(input_ids))
+        x = self.fc(torch.cat((embeds, self.hnorm(hidden_states)), dim=-1))
+        x, residual = self.layer(positions, x, None)
+        out = x + residual
+        return self.norm(out), out
+
+
+class BebopMTPModel(nn.Module):
+    """vLLM draft model wrapping :class:`BebopHeadModel` (EAGLE proposer interface)."""
+
+    has_own_embed_tokens = False
+    has_own_lm_head = False
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__()
+        spec = vllm_config.speculative_config
+        assert spec is not None and spec.draft_model_config is not None
+        self.config = spec.draft_model_config.hf_config
+        if getattr(self.config, "draft_vocab_size", None) is None:
+            self.config.draft_vocab_size = self.config.vocab_size
+        num_target_layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        self.model = BebopHeadModel(
+            vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"), layer_index=num_target_layers
+        )
+        # Placeholder: replaced by the target's lm_head in the proposer's load_model.
+        self.lm_head = ParallelLMHead(
+            self.config.vocab_size, self.config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
+        )
+        self.logits_processor = LogitsProcessor(self.config.vocab_size, scale=getattr(self.config, "logit_scale", 1.0))
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs_embeds is not None:
+            raise NotImplementedError("BebopMTPModel drafts from token ids, not input embeddings")
+        return self.model(input_ids, positions, hidden_states)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith(("embed_tokens.", "lm_head.", "model.embed_tokens.")):
+                continue  # the target's, shared by the proposer
+            target = "model." + name
+            shard = None
+            for fused, part, shard_id in _STACKED:
+                if part in target:
+                    target, shard = target.replace(part, fused), shard_id
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected tensor {name!r} in the bebop heads checkpoint")
+            param = params[target]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(target)
+        own = {n for n in params if not n.startswith(("model.embed_tokens.", "lm_head."))}
+        missing = own - loaded
+        if missing:
+            raise ValueError(f"bebop heads checkpoint lacks tensors for {sorted(missing)}")
+        # Report the shared placeholders as loaded: the proposer swaps in the target's.
+        return loaded | (set(params) - own)

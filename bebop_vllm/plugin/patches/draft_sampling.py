@@ -1,0 +1,79 @@
+"""Probabilistic drafting from the request's own sampling distribution (bebop engines only).
+
+vLLM 0.32's ``SpecDecodeBaseProposer._sample_from_logits``
+(vllm/v1/spec_decode/llm_base_proposer.py:450, via ``compute_probs_and_sample_next_token`` at
+:1822) drafts from softmax(logits / T) only: it ignores the request's top-k/top-p (still exact -
+rejection sampling corrects any q - but acceptance drops, since q puts mass where p has none) and
+ignores per-request seeds (a seeded request's output then is not reproducible). When the engine
+runs method "bebop" with draft_sampling="probabilistic" we draft from
+softmax(top_k_top_p(logits / T)) - the operator vLLM's sampler applies to the target - and draw
+seeded requests' noise from their own generators. Other engines keep vLLM's behaviour untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from bebop_vllm.plugin.patches.base import Patch
+
+UPSTREAM = "vllm/v1/spec_decode/llm_base_proposer.py:450 SpecDecodeBaseProposer._sample_from_logits (vLLM 0.32.0)"
+# Set on the drafter by the model-runner patch when the engine runs bebop probabilistic drafting.
+BEBOP_FLAG = "_bebop_request_distribution_drafts"
+_SAMPLING_EPS = 1e-5  # vllm/v1/sample/sampler.py's threshold for "temperature == 0"
+
+
+def request_distribution_sample(
+    logits: torch.Tensor, sampling_metadata: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one draft token per row from the row's request distribution; return (ids, probs).
+
+    Greedy rows (temperature ~ 0) take the argmax; their probs row is unused by the verifier.
+    """
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    logits = logits.float()
+    temperature = sampling_metadata.temperature
+    assert temperature is not None and temperature.shape[0] == logits.shape[0], "one row per request"
+    is_greedy = temperature < _SAMPLING_EPS
+    logits = logits / torch.where(is_greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    logits = apply_top_k_top_p(logits, sampling_metadata.top_k, sampling_metadata.top_p)
+    probs = logits.softmax(dim=-1, dtype=torch.float32)
+    noise = torch.empty_like(probs)
+    generators = sampling_metadata.generators
+    if len(generators) != probs.shape[0]:
+        noise.exponential_()
+    for i, gen in generators.items():
+        noise[i].exponential_(generator=gen)
+    ids = (probs / noise).argmax(dim=-1)
+    ids = torch.where(is_greedy, probs.argmax(dim=-1), ids)
+    return ids, probs
+
+
+def _make_replacement(original: Any) -> Any:
+    @functools.wraps(original)
+    def _sample_from_logits(self: Any, logits: torch.Tensor, sampling_metadata: Any) -> Any:
+        if (
+            not getattr(self, BEBOP_FLAG, False)
+            or not self._enable_probabilistic_draft_probs
+            or sampling_metadata.all_greedy
+            or sampling_metadata.temperature is None
+            or sampling_metadata.temperature.shape[0] != logits.shape[0]
+        ):
+            return original(self, logits, sampling_metadata)
+        return request_distribution_sample(logits, sampling_metadata)
+
+    return _sample_from_logits
+
+
+PATCH = Patch(
+    name="draft_sampling",
+    upstream=UPSTREAM,
+    module="vllm.v1.spec_decode.llm_base_proposer",
+    owner="SpecDecodeBaseProposer",
+    attr="_sample_from_logits",
+    expected_params=("self", "logits", "sampling_metadata"),
+    make_replacement=_make_replacement,
+)

@@ -1,0 +1,61 @@
+"""Install bebop's verifier (and draft-sampling flag) in the V1 model runner.
+
+The V1 runner (used on CPU, and on GPU because the ``runner_v2_guard`` patch routes bebop engines
+to V1) constructs vLLM's ``RejectionSampler`` in ``GPUModelRunner.__init__``
+(vllm/v1/worker/gpu_model_runner.py:471, construction at :663, call at :3459-3465; vLLM 0.32.0;
+``CPUModelRunner`` inherits it). We wrap ``__init__``: when ``additional_config["bebop"]`` says
+verifier="bebop" the runner's ``rejection_sampler`` becomes :class:`BebopRejectionSampler`; when
+it says draft_sampling="probabilistic" the drafter drafts from the request's own distribution
+(see ``draft_sampling``). Engines without bebop options are left exactly as vLLM built them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from bebop_vllm.plugin.patches.base import Patch
+
+UPSTREAM = (
+    "vllm/v1/worker/gpu_model_runner.py:471 GPUModelRunner.__init__ (RejectionSampler built at :663, "
+    "called at :3459-3465) (vLLM 0.32.0)"
+)
+
+
+def install(runner: Any) -> None:
+    """Swap in bebop's verifier / drafting mode on a freshly built runner."""
+    from bebop_vllm.config import options_from_additional_config
+    from bebop_vllm.plugin.patches.draft_sampling import BEBOP_FLAG
+
+    opts = options_from_additional_config(runner.vllm_config.additional_config)
+    if opts is None:
+        return
+    if opts.verifier == "bebop" and getattr(runner, "rejection_sampler", None) is not None:
+        from bebop_vllm.plugin.verifier import BebopRejectionSampler
+
+        runner.rejection_sampler = BebopRejectionSampler(
+            runner.sampler, runner.speculative_config, runner.device
+        )
+    drafter = getattr(runner, "drafter", None)
+    if drafter is not None and opts.draft_sampling == "probabilistic":
+        setattr(drafter, BEBOP_FLAG, True)
+
+
+def _make_replacement(original: Any) -> Any:
+    @functools.wraps(original)
+    def __init__(self: Any, vllm_config: Any, device: Any) -> None:
+        original(self, vllm_config, device)
+        install(self)
+
+    return __init__
+
+
+PATCH = Patch(
+    name="model_runner",
+    upstream=UPSTREAM,
+    module="vllm.v1.worker.gpu_model_runner",
+    owner="GPUModelRunner",
+    attr="__init__",
+    expected_params=("self", "vllm_config", "device"),
+    make_replacement=_make_replacement,
+)

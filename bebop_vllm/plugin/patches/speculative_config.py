@@ -1,0 +1,105 @@
+"""Method "bebop": translate it into vLLM's EAGLE method before vLLM validates the config.
+
+Replaces ``EngineArgs.create_speculative_config`` (vllm/engine/arg_utils.py:2060, vLLM 0.32.0).
+``SpeculativeMethod`` is a pydantic Literal and the runners reject unknown methods, so "bebop"
+never reaches vLLM: the options are validated (pydantic, heads folder checked against the target)
+and become ``method="eagle"`` + ``draft_sample_method``; the validated options travel to the
+workers in ``additional_config["bebop"]`` and set ``per_request_spec_decode_metrics``. The same
+code path serves ``LLM(...)`` and the OpenAI server (both build an ``EngineArgs``).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from bebop_vllm.plugin.patches.base import Patch
+
+UPSTREAM = "vllm/engine/arg_utils.py:2060 EngineArgs.create_speculative_config (vLLM 0.32.0)"
+
+
+def _is_default_target(target_model_config: Any) -> bool:
+    from bebop_vllm.paths import default_model_dir
+
+    try:
+        return Path(str(target_model_config.model)).expanduser().resolve() == default_model_dir().resolve()
+    except OSError:
+        return False
+
+
+def _resolve_heads_dir(opts: Any, target_model_config: Any) -> str:
+    from bebop_vllm.config import BebopSpecError
+    from bebop_vllm.paths import SHIPPED_HEADS_DIR
+
+    if opts.model is not None:
+        return str(Path(opts.model).expanduser())
+    if _is_default_target(target_model_config):
+        return str(SHIPPED_HEADS_DIR)
+    raise BebopSpecError(
+        "speculative_config['model'] (the heads folder) is required: shipped heads exist only "
+        f"for the default model, and the target is {target_model_config.model}")
+
+
+def translate(engine_args: Any, target_model_config: Any) -> None:
+    """Rewrite ``engine_args.speculative_config`` in place when its method is "bebop"."""
+    from bebop_vllm.config import (
+        ADDITIONAL_CONFIG_KEY,
+        METHOD_NAME,
+        UNDERLYING_METHOD,
+        parse_options,
+        validate_heads_dir,
+    )
+
+    spec = engine_args.speculative_config
+    if getattr(engine_args, "spec_method", None) == METHOD_NAME:
+        # `--spec-method bebop` on the CLI: fold the flags in so they are validated together.
+        spec = dict(spec or {})
+        spec["method"] = METHOD_NAME
+        for flag, key in (("spec_model", "model"), ("spec_tokens", "num_speculative_tokens")):
+            if getattr(engine_args, flag, None) is not None:
+                spec[key] = getattr(engine_args, flag)
+                setattr(engine_args, flag, None)
+        engine_args.spec_method = None
+    if not isinstance(spec, dict) or spec.get("method") != METHOD_NAME:
+        return
+    from bebop_vllm.plugin.patches.runner_v2_guard import check_not_forced_v2
+
+    opts = parse_options(spec)
+    check_not_forced_v2()
+    heads_dir = _resolve_heads_dir(opts, target_model_config)
+    num_depths = validate_heads_dir(heads_dir, target_model_config.hf_config)
+    k = opts.num_speculative_tokens or num_depths
+    opts = opts.model_copy(update={"model": heads_dir, "num_speculative_tokens": k})
+
+    engine_args.speculative_config = {
+        "method": UNDERLYING_METHOD,
+        "model": heads_dir,
+        "num_speculative_tokens": k,
+        "draft_sample_method": opts.draft_sampling,
+    }
+    additional = dict(engine_args.additional_config or {})
+    additional[ADDITIONAL_CONFIG_KEY] = opts.to_additional_config()
+    engine_args.additional_config = additional
+    if getattr(engine_args, "per_request_spec_decode_metrics", "none") == "none":
+        engine_args.per_request_spec_decode_metrics = opts.metrics
+
+
+def _make_replacement(original: Any) -> Any:
+    @functools.wraps(original)
+    def create_speculative_config(self: Any, target_model_config: Any, target_parallel_config: Any) -> Any:
+        translate(self, target_model_config)
+        return original(self, target_model_config, target_parallel_config)
+
+    return create_speculative_config
+
+
+PATCH = Patch(
+    name="speculative_config",
+    upstream=UPSTREAM,
+    module="vllm.engine.arg_utils",
+    owner="EngineArgs",
+    attr="create_speculative_config",
+    expected_params=("self", "target_model_config", "target_parallel_config"),
+    make_replacement=_make_replacement,
+)
