@@ -1,0 +1,154 @@
+"""Head module and checkpoint format on a tiny random Llama target (seconds, no vLLM)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bebop_vllm.errors import BebopError
+from bebop_vllm.heads import (
+    draft_chain_probs,
+    draft_reference,
+    expected_tensor_shapes,
+    init_random_heads,
+    load_heads,
+    new_head,
+    save_heads,
+)
+from bebop_vllm.heads.target import final_hidden_states, load_target_model
+from bebop_vllm.heads.tiny import make_tiny_target
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_target(tmp_path_factory.mktemp("target"))
+
+
+@pytest.fixture()
+def heads(target: Path, tmp_path: Path) -> Path:
+    return init_random_heads(target, tmp_path / "heads", num_depths=3, seed=1)
+
+
+def test_checkpoint_files_follow_the_format_contract(heads: Path, target: Path) -> None:
+    cfg = json.loads((heads / "config.json").read_text())
+    assert cfg["architectures"] == ["BebopMTPModel"]
+    assert cfg["num_hidden_layers"] == 1
+    assert cfg["bebop"]["num_depths"] == 3 and cfg["bebop"]["format_version"] == 1
+    assert cfg["hidden_size"] == 64 and cfg["vocab_size"] == 128
+    tensors = load_file(str(heads / "model.safetensors"))
+    head = load_heads(heads, target)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_tensor_shapes(head.shape)
+    assert tensors["fc.weight"].shape == (64, 128) and tensors["fc.weight"].dtype == torch.bfloat16
+    assert "layer.self_attn.k_proj.weight" in tensors and "embed_tokens.weight" not in tensors
+    meta = json.loads((heads / "bebop.json").read_text())
+    assert meta["tokenizer_fingerprint"].startswith("sha256:") and meta["num_depths"] == 3
+
+
+def test_save_load_round_trip(target: Path, tmp_path: Path) -> None:
+    head = new_head(target, seed=3, warm_start=True)
+    ref = init_random_heads(target, tmp_path / "ref")
+    meta = load_heads(ref).metadata.model_copy(update={"loss": "e2e-tv", "train_steps": 7})
+    save_heads(head, tmp_path / "rt", json.loads((target / "config.json").read_text()), meta, dtype="fp32")
+    back = load_heads(tmp_path / "rt", target)
+    for (name, a), (_, b) in zip(head.state_dict().items(), back.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert back.metadata.loss == "e2e-tv" and back.metadata.train_steps == 7
+
+
+def test_warm_start_copies_the_targets_last_layer(target: Path) -> None:
+    head = new_head(target, warm_start=True)
+    model = load_target_model(target)
+    last = model.model.layers[-1]
+    assert torch.equal(head.layer.mlp.down_proj.weight, last.mlp.down_proj.weight)
+    assert torch.equal(head.layer.self_attn.k_proj.weight, last.self_attn.k_proj.weight)
+    assert torch.equal(head.norm.weight, model.model.norm.weight)
+
+
+def test_hidden_state_is_post_final_norm(target: Path) -> None:
+    """lm_head(h) reproduces the target's logits only if h is taken AFTER the final norm."""
+    model = load_target_model(target)
+    ids = torch.randint(0, 128, (1, 9))
+    h = final_hidden_states(model, ids)
+    torch.testing.assert_close(h @ model.lm_head.weight.T, model(input_ids=ids).logits)
+
+
+def test_unroll_matches_sequential_drafting_exactly(heads: Path, target: Path) -> None:
+    """The trainer's teacher-forced attention = vLLM-style sequential drafting with a KV cache."""
+    head = load_heads(heads, target)
+    model = load_target_model(target)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (14,))
+    hidden = final_hidden_states(model, ids[None])[0]
+    outs = head.unroll(ids[1:][None], hidden[:-1][None], 3)
+    for t in (0, 4, 9):
+        q = draft_chain_probs(head, hidden, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+        for j in range(3):
+            qu = torch.softmax(head.logits(outs[j][0, t + j]), -1)
+            torch.testing.assert_close(qu, q[j], atol=1e-6, rtol=1e-5)
+
+
+def test_draft_reference_rows_are_distributions(heads: Path, target: Path) -> None:
+    rows = draft_reference(target, heads, [5, 6, 7, 8], [9, 10], temperature=0.7)
+    assert rows.shape == (3, 128)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(3))
+
+
+def _other_target(tmp_path: Path, **kw) -> Path:  # noqa: ANN003
+    return make_tiny_target(tmp_path / "other", **kw)
+
+
+@pytest.mark.parametrize(
+    "kw,what,values",
+    [
+        ({"hidden_size": 32}, "hidden size", ("64", "32")),
+        ({"vocab_size": 96}, "vocab size", ("128", "96")),
+        ({"token_prefix": "w"}, "tokenizer fingerprint", ("sha256:",)),
+    ],
+)
+def test_refuses_heads_for_another_model(heads: Path, tmp_path: Path, kw: dict, what: str, values: tuple) -> None:
+    other = _other_target(tmp_path, **kw)
+    with pytest.raises(BebopError, match=what) as e:
+        load_heads(heads, other)
+    assert all(v in str(e.value) for v in values)
+
+
+def _rewrite(heads: Path, fn) -> None:  # noqa: ANN001
+    t = load_file(str(heads / "model.safetensors"))
+    fn(t)
+    save_file(t, str(heads / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.pop("layer.mlp.up_proj.weight"), "missing tensor.*layer.mlp.up_proj.weight"),
+        (lambda t: t.update({"extra.bias": torch.zeros(3)}), "unexpected tensor.*extra.bias"),
+        (
+            lambda t: t.update({"fc.weight": torch.zeros(64, 64)}),
+            r"fc.weight has shape \(64, 64\), expected \(64, 128\)",
+        ),
+        (lambda t: t["norm.weight"].__setitem__(3, float("nan")), "norm.weight has non-finite"),
+    ],
+)
+def test_refuses_bad_tensors_by_name(heads: Path, target: Path, edit, message: str) -> None:  # noqa: ANN001
+    _rewrite(heads, edit)
+    with pytest.raises(BebopError, match=message):
+        load_heads(heads, target)
+
+
+def test_refuses_missing_files_and_bad_metadata(heads: Path, tmp_path: Path) -> None:
+    with pytest.raises(BebopError, match="does not exist"):
+        load_heads(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    shutil.copytree(heads, broken)
+    (broken / "bebop.json").unlink()
+    with pytest.raises(BebopError, match="bebop.json"):
+        load_heads(broken)
+    (broken / "bebop.json").write_text('{"format_version": 1}')
+    with pytest.raises(BebopError, match="not valid head metadata"):
+        load_heads(broken)
