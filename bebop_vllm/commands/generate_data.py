@@ -1,0 +1,63 @@
+"""``bebop generate-data``: sample self-distillation data from the target with vLLM."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help="sample target continuations (vLLM) for head training and held-out evaluation",
+        description="Sample continuations from the target with vLLM for the train split (training data) and "
+        "the held-out split (evaluation only) of the math, code and agentic prompt sets, stored as int32 "
+        "token arrays with their provenance under $BEBOP_HOME/data.",
+    )
+    p.add_argument(
+        "--model", type=Path, default=None, help="target model folder (default: the fetched SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/smollm2-135m-selfdistill)"
+    )
+    p.add_argument(
+        "--domain",
+        choices=["math", "code", "agentic"],
+        action="append",
+        help="domain(s) (default: all three); repeatable",
+    )
+    p.add_argument("--train-per-domain", type=int, default=150, help="train prompts per domain (default: 150)")
+    p.add_argument("--heldout-per-domain", type=int, default=16, help="held-out prompts per domain (default: 16)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip prompts longer than this (default: 512)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens sampled per prompt (default: 256)")
+    p.add_argument(
+        "--temperature", type=float, action="append", help="sampling temperature (default: 1.0); repeat for several"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from bebop_vllm.errors import BebopError
+    from bebop_vllm.paths import default_model_dir
+    from bebop_vllm.train.dataset import default_data_dir
+    from bebop_vllm.train.generate import generate_data
+
+    for name in ("train_per_domain", "heldout_per_domain", "max_prompt_tokens", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise BebopError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    temps = args.temperature or [1.0]
+    if any(t <= 0 for t in temps):
+        raise BebopError(f"--temperature must be > 0 (sampling, not greedy), got {temps}")
+    generate_data(
+        args.model or default_model_dir(),
+        args.out or default_data_dir(),
+        args.domain,
+        args.train_per_domain,
+        args.heldout_per_domain,
+        args.max_prompt_tokens,
+        args.max_new_tokens,
+        temps,
+        args.seed,
+    )
+    return 0

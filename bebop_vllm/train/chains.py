@@ -1,0 +1,68 @@
+"""Teacher-forced draft chains of one sequence, in the ``[N, g, ...]`` layout the losses take.
+
+Chain t (t = the last committed position, from prompt_len - 1 to L - 2) drafts at depth j from
+position t + j - 1, predicting token x_{t+j+1}; its target distribution is the target's
+next-token distribution at position t + j, softmax(lm_head(h_{t+j}) / T). Depth j exists
+while t + j <= L - 1 (its input token x_{t+j} exists); beyond that the chain is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bebop_vllm.heads.module import BebopMTPHead
+
+
+@dataclass
+class ChainBatch:
+    draft_logits: torch.Tensor  # [N, g, V], already divided by the temperature
+    target_probs: torch.Tensor  # [N, g, V] float32, no grad
+    target_ids: torch.Tensor  # [N, g] the sampled token each depth predicts (-1 past the end)
+    mask: torch.Tensor  # [N, g] bool: depth exists (input token and target distribution exist)
+    ce_mask: torch.Tensor  # [N, g] bool: ... and its label exists
+
+
+@torch.no_grad()
+def target_probs_at(head: BebopMTPHead, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(lm_head(h) / T) in fp32 for hidden [n, H] -> [n, V] (the target's tempered sampler)."""
+    logits = hidden.float() @ head.lm_head_weight.float().T
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+def sequence_chains(
+    head: BebopMTPHead,
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    prompt_len: int,
+    num_depths: int,
+    temperature: float,
+    chain_starts: torch.Tensor | None = None,
+) -> ChainBatch:
+    """Draft logits (with grad) and target probabilities for the chains of one sequence.
+
+    ``tokens`` [L] int64, ``hidden`` [L, H] target post-norm final hidden states,
+    ``chain_starts``: which t to keep (default: every t in [prompt_len - 1, L - 2]). The head
+    runs over the whole sequence (the prompt positions are attention context).
+    """
+    length = tokens.shape[0]
+    if chain_starts is None:
+        chain_starts = torch.arange(max(prompt_len - 1, 0), length - 1)
+    dtype = head.fc.weight.dtype
+    outs = head.unroll(tokens[1:][None], hidden[:-1][None].to(dtype), num_depths)  # each [1, L-1, H]
+    depth = torch.arange(1, num_depths + 1)
+    pos = chain_starts[:, None] + depth[None, :] - 1  # where depth j of chain t runs
+    mask = pos <= length - 2
+    pos = pos.clamp(max=length - 2)
+    residual = torch.stack([outs[j][0, pos[:, j]] for j in range(num_depths)], dim=1)  # [N, g, H]
+    draft_logits = head.logits(residual) / temperature
+    # target distributions at positions t + j (computed once per position, then gathered)
+    first = int(chain_starts.min()) + 1 if len(chain_starts) else 0
+    probs = target_probs_at(head, hidden[first:], temperature)
+    tpos = (chain_starts[:, None] + depth[None, :]).clamp(max=length - 1) - first
+    target_probs = probs[tpos]
+    label_pos = chain_starts[:, None] + depth[None, :] + 1
+    ce_mask = mask & (label_pos <= length - 1)
+    target_ids = torch.where(ce_mask, tokens[label_pos.clamp(max=length - 1)], -1)
+    return ChainBatch(draft_logits, target_probs, target_ids, mask, ce_mask)

@@ -1,0 +1,51 @@
+"""Held-out evaluation: teacher-forced acceptance per depth and expected accepted length."""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from bebop_vllm.heads.metadata import HeldoutMetrics
+from bebop_vllm.heads.module import BebopMTPHead
+from bebop_vllm.kernels import expected_accepted_length
+from bebop_vllm.train.chains import sequence_chains
+from bebop_vllm.train.dataset import SequenceSet
+from bebop_vllm.train.losses import acceptance_rates
+from bebop_vllm.train.target_cache import HiddenCache
+
+
+@torch.no_grad()
+def evaluate(
+    head: BebopMTPHead,
+    seqs: SequenceSet,
+    cache: HiddenCache,
+    indices: list[int],
+    num_depths: int,
+    temperature: float,
+    progress: bool = True,
+) -> HeldoutMetrics:
+    """alpha_j = mean over chains with depth j of sum_v min(p_j, q_j); the expected accepted
+    length is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i (per chain, so
+    correlations between depths count)."""
+    head.eval()
+    alpha_sum = torch.zeros(num_depths, dtype=torch.float64)
+    alpha_cnt = torch.zeros(num_depths, dtype=torch.float64)
+    tau_sum, tau_cnt = 0.0, 0
+    for i in tqdm(indices, desc="held-out eval", leave=False, disable=not progress, dynamic_ncols=True):
+        tokens = torch.from_numpy(seqs.sequence(i).astype("int64"))
+        b = sequence_chains(head, tokens, cache.hidden(i), int(seqs.prompt_lens[i]), num_depths, temperature)
+        alpha = acceptance_rates(b.draft_logits.float(), b.target_probs).double()
+        alpha_sum += torch.where(b.mask, alpha, 0.0).sum(0)
+        alpha_cnt += b.mask.sum(0)
+        full = b.mask.all(1)
+        tau_sum += expected_accepted_length(alpha[full]).sum().item()
+        tau_cnt += int(full.sum())
+    head.train()
+    alphas = (alpha_sum / alpha_cnt.clamp_min(1)).tolist()
+    return HeldoutMetrics(
+        alphas=[round(a, 5) for a in alphas],
+        expected_accepted_length=round(tau_sum / max(tau_cnt, 1), 5),
+        num_chains=tau_cnt,
+        num_sequences=len(indices),
+        temperature=temperature,
+    )
