@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, str] = {
     "fetch-model": "fetch_model",
     "demo": "demo",
     "prompts": "prompts",
+    "generate-data": "generate_data",
+    "train": "train",
 }
 
 
