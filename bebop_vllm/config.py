@@ -125,11 +125,13 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
-def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any) -> int:
+def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any, target_model_dir: str | None = None) -> int:
     """Check a heads folder against the target model; return its trained depth g.
 
     Catches what would otherwise surface as a deep vLLM traceback (or, worse, silently wrong
-    drafts): a missing folder, missing/corrupt files, heads trained for another model.
+    drafts): a missing folder, missing/corrupt files, heads trained for another model. With a
+    local ``target_model_dir`` the heads are also fully loaded by ``bebop_vllm.heads.load_heads``
+    (tokenizer fingerprint, architecture, every tensor's shape, finite weights).
     """
     path = Path(heads_dir).expanduser()
     if not path.is_dir():
@@ -176,4 +178,11 @@ def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any) -> int:
             raise BebopSpecError(
                 f"heads tensor {name!r} has shape {shapes[name]}, expected {shape} for a target "
                 f"with hidden_size={hidden}")
+    if target_model_dir is not None and Path(target_model_dir).is_dir():
+        from bebop_vllm.heads import load_heads
+
+        try:
+            load_heads(path, target_model_dir)
+        except BebopError as exc:
+            raise BebopSpecError(f"heads folder {path} cannot be used with {target_model_dir}: {exc}") from None
     return num_depths

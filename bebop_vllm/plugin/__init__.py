@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 _lock = threading.Lock()
 _registered = False
+
+# Diagnostics only: comma-separated patch names to leave out (e.g. BEBOP_DISABLE_PATCHES=cpu_expand_fix
+# re-introduces vLLM's CPU temperature bug so the exactness test can show it catches it).
+DISABLE_ENV = "BEBOP_DISABLE_PATCHES"
 
 # The heads' config.json names "BebopMTPModel"; vLLM's EAGLEConfig (method "eagle", which the
 # "bebop" method runs under) renames it "EagleBebopMTPModel". Both resolve to the same class.
@@ -40,6 +45,16 @@ def register() -> None:
         from bebop_vllm.plugin.patches import PATCHES
 
         _register_models()
+        disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+        unknown = disabled - {p.name for p in PATCHES}
+        if unknown:
+            raise ValueError(f"{DISABLE_ENV} names unknown patches {sorted(unknown)}; "
+                             f"known: {[p.name for p in PATCHES]}")
         for patch in PATCHES:
+            if patch.name in disabled:
+                import logging
+
+                logging.getLogger(__name__).warning("bebop patch %r DISABLED via %s", patch.name, DISABLE_ENV)
+                continue
             patch.apply()
         _registered = True

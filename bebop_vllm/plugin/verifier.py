@@ -123,7 +123,7 @@ class BebopRejectionSampler(RejectionSampler):
         generators: dict[int, torch.Generator] = sampling_metadata.generators
         max_spec_len = metadata.max_spec_len
         if not generators:
-            out = rejection_sample(rows, draft_ids, num_draft, draft_probs, validate=False)
+            out, _ = rejection_sample(rows, draft_ids, num_draft, draft_probs, validate=False)
             return self._pad(out, batch, max_spec_len)
 
         # Seeded requests draw their uniforms from their own generator; the rest share one call.
@@ -139,7 +139,7 @@ class BebopRejectionSampler(RejectionSampler):
             draft_idx = [t for i in reqs for t in range(cu[i], cu[i + 1])]
             row_idx = [r for i in reqs for r in range(cu[i] + i, cu[i + 1] + i + 1)]
             sub_draft_idx = torch.tensor(draft_idx, dtype=torch.int64, device=device)
-            sub = rejection_sample(
+            sub, _ = rejection_sample(
                 rows[torch.tensor(row_idx, dtype=torch.int64, device=device)],
                 draft_ids[sub_draft_idx],
                 [num_draft[i] for i in reqs],

@@ -68,7 +68,7 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
     opts = parse_options(spec)
     check_not_forced_v2()
     heads_dir = _resolve_heads_dir(opts, target_model_config)
-    num_depths = validate_heads_dir(heads_dir, target_model_config.hf_config)
+    num_depths = validate_heads_dir(heads_dir, target_model_config.hf_config, str(target_model_config.model))
     k = opts.num_speculative_tokens or num_depths
     opts = opts.model_copy(update={"model": heads_dir, "num_speculative_tokens": k})
 
