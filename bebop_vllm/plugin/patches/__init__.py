@@ -14,6 +14,7 @@ from __future__ import annotations
 from bebop_vllm.plugin.patches import (
     cpu_expand_fix,
     draft_sampling,
+    metrics,
     model_runner,
     runner_v2_guard,
     speculative_config,
@@ -26,6 +27,7 @@ PATCHES: list[Patch] = [
     cpu_expand_fix.PATCH,  # CPU: per-token temperature/top-k/top-p were uninitialised memory
     draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
+    *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
 ]
 
 __all__ = ["PATCHES", "Patch", "PatchError"]
