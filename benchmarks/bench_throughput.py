@@ -1,0 +1,243 @@
+"""Throughput: no speculation vs vLLM's own speculative path vs bebop, same heads, one run.
+
+Engines (each in its own worker process, all alive at once; every cell runs them back to back
+in rotating order so slow drifts of machine load hit all engines alike):
+
+- ``none``        no speculation
+- ``vllm-greedy`` vLLM's EAGLE path with our heads, greedy drafts, vLLM's verifier
+- ``vllm-prob``   same, vLLM's probabilistic drafts (temperature only)
+- ``bebop``       method "bebop": drafts from the request distribution, our verifier
+
+vLLM's CPU temperature bug is fixed for all engines (the plugin's ``cpu_expand_fix`` patch is
+process-wide), so the comparison is fair. Cells: temperature x batch size x domain. Batch 1
+runs the domain's prompts one request at a time; batch B sends B requests in one
+``generate`` call. Reported: output tokens/s (median over ``--repeats``), the ratio to
+``none`` from the same cell, and mean accepted length (tokens per verify step, from vLLM's
+per-request spec-decode metrics). Writes ``<out>.json`` and ``<out>.md``.
+
+Example (the committed results):
+    python benchmarks/bench_throughput.py --out benchmarks/results/throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
+
+
+def _spec_config(engine: str, heads: str, k: int) -> dict[str, Any] | None:
+    if engine == "none":
+        return None
+    if engine == "bebop":
+        return {"method": "bebop", "model": heads, "num_speculative_tokens": k}
+    return {"method": "eagle", "model": heads, "num_speculative_tokens": k,
+            "draft_sample_method": "greedy" if engine == "vllm-greedy" else "probabilistic"}
+
+
+def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, conn: Any) -> None:
+    """Holds one engine; answers ("run", prompts, params) with (seconds, tokens, accepted stats)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    kwargs: dict[str, Any] = {}
+    if engine != "none":
+        kwargs["per_request_spec_decode_metrics"] = "summary"
+    llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=True, seed=0,
+              speculative_config=_spec_config(engine, heads, k), **kwargs)
+    # Warm-up (first calls allocate / compile lazily).
+    llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        _, prompts, params, batch = msg
+        sp = SamplingParams(**params)
+        steps = accepted = tokens = 0
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            for out in llm.generate(prompts[i:i + batch], sp, use_tqdm=False):
+                c = out.outputs[0]
+                tokens += len(c.token_ids)
+                m = getattr(c, "spec_decode_metrics", None)
+                if m is not None and getattr(m, "histogram", None):
+                    steps += sum(m.histogram)
+                    accepted += sum(j * n for j, n in enumerate(m.histogram))
+        conn.send((time.perf_counter() - t0, tokens, steps, accepted))
+
+
+def _render_prompts(model: str, domains: list[str], per_domain: int) -> dict[str, list[str]]:
+    from transformers import AutoTokenizer
+
+    from bebop_vllm.data import load_prompts, render
+
+    tok = AutoTokenizer.from_pretrained(model)
+    out: dict[str, list[str]] = {}
+    for d in domains:
+        out[d] = [render(p, tok) for p in load_prompts([d], split="heldout", limit_per_domain=per_domain)]
+        if len(out[d]) < per_domain:
+            raise SystemExit(f"domain {d}: only {len(out[d])} held-out prompts, need {per_domain}")
+    return out
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    cfg = res["config"]
+    lines = [
+        "# Throughput: no speculation vs vLLM's speculative path vs bebop",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {res['machine']}. Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
+        f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
+        f"repeats = {cfg['repeats']} (median). Wall time: {res['wall_s']:.0f} s.",
+        "",
+        "tokens/s (ratio to no speculation in the same cell) · mean accepted length (tokens per verify step)",
+        "",
+        "| T | batch | domain | " + " | ".join(ENGINES) + " |",
+        "|---|---|---|" + "---|" * len(ENGINES),
+    ]
+    for cell in res["cells"]:
+        row = [f"{cell['temperature']}", str(cell["batch"]), cell["domain"]]
+        for e in ENGINES:
+            r = cell["engines"][e]
+            s = f"{r['tok_s']:.1f}"
+            if e != "none":
+                s += f" ({r['ratio']:.2f}x) · {r['mean_accepted_len']:.2f}"
+            row.append(s)
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Geometric-mean ratio to no speculation per (T, batch), over domains:", ""]
+    lines += ["| T | batch | " + " | ".join(ENGINES[1:]) + " |", "|---|---|" + "---|" * (len(ENGINES) - 1)]
+    for key, ratios in res["summary"].items():
+        t, b = key.split("|")
+        lines.append(f"| {t} | {b} | " + " | ".join(f"{ratios[e]:.2f}x" for e in ENGINES[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
+
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default=str(default_model_dir()), help="target model folder (default model)")
+    ap.add_argument("--heads", default=None, help="heads folder (default: shipped heads, else random heads)")
+    ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens for every speculative engine")
+    ap.add_argument("--temperatures", default="0,0.7,1.0", help="comma-separated sampling temperatures")
+    ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
+    ap.add_argument("--prompts-per-domain", type=int, default=16, help="held-out prompts per domain")
+    ap.add_argument("--batch1-prompts", type=int, default=2, help="prompts per domain for batch 1 (sequential)")
+    ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per request (ignore_eos)")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat each cell; the median is reported")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="engine max_model_len")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="subset of engines to run")
+    ap.add_argument("--out", default="benchmarks/results/throughput", help="output path prefix (.json/.md)")
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    engines = [e for e in args.engines.split(",") if e]
+    heads_kind = "given"
+    heads = args.heads
+    if heads is None:
+        if (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
+            heads, heads_kind = str(SHIPPED_HEADS_DIR), "shipped"
+        else:
+            from bebop_vllm.heads import init_random_heads
+
+            heads = str(init_random_heads(args.model, Path(args.out).parent / "_random_heads", num_depths=args.k))
+            heads_kind = "random (untrained)"
+    temps = [float(t) for t in args.temperatures.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    domains = args.domains.split(",")
+    prompts = _render_prompts(args.model, domains, max(args.prompts_per_domain, args.batch1_prompts))
+
+    t_start = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    workers: dict[str, tuple[Any, Any]] = {}
+    for e in engines:  # start one at a time: start-up is CPU-heavy
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(e, args.model, heads, args.k, args.max_model_len, child), daemon=True)
+        proc.start()
+        print(f"starting engine {e} ...", file=sys.stderr, flush=True)
+        if parent.recv() != "ready":
+            raise SystemExit(f"engine {e} failed to start")
+        workers[e] = (proc, parent)
+
+    cells = []
+    plan = [(t, b, d) for t in temps for b in batches for d in domains]
+    bar = tqdm(total=len(plan) * len(engines) * args.repeats, desc="cells x engines", unit="run")
+    for n_cell, (t, b, d) in enumerate(plan):
+        ps = prompts[d][: args.batch1_prompts] if b == 1 else prompts[d][: args.prompts_per_domain]
+        params = {"temperature": t, "max_tokens": args.max_tokens, "ignore_eos": True}
+        runs: dict[str, list[tuple[float, int, int, int]]] = {e: [] for e in engines}
+        for rep in range(args.repeats):
+            order = engines[(n_cell + rep) % len(engines):] + engines[: (n_cell + rep) % len(engines)]
+            for e in order:
+                workers[e][1].send(("run", ps, params, b))
+                runs[e].append(workers[e][1].recv())
+                bar.update(1)
+        cell = {"temperature": t, "batch": b, "domain": d, "num_prompts": len(ps), "engines": {}}
+        for e in engines:
+            tok_s = statistics.median(tok / sec for sec, tok, _, _ in runs[e])
+            steps = sum(r[2] for r in runs[e])
+            acc = sum(r[3] for r in runs[e])
+            cell["engines"][e] = {
+                "tok_s": tok_s,
+                "runs": [{"seconds": s, "tokens": n, "verify_steps": st, "accepted": a} for s, n, st, a in runs[e]],
+                "mean_accepted_len": (1 + acc / steps) if steps else None,
+            }
+        base = cell["engines"].get("none", {}).get("tok_s")
+        for e in engines:
+            cell["engines"][e]["ratio"] = cell["engines"][e]["tok_s"] / base if base else None
+        cells.append(cell)
+        bar.set_postfix_str(f"T={t} b={b} {d}: " + " ".join(
+            f"{e}={cell['engines'][e]['tok_s']:.0f}" for e in engines))
+    bar.close()
+    for proc, conn in workers.values():
+        conn.send(("stop",))
+        proc.join(timeout=60)
+
+    summary: dict[str, dict[str, float]] = {}
+    if "none" in engines:
+        for t in temps:
+            for b in batches:
+                sel = [c for c in cells if c["temperature"] == t and c["batch"] == b]
+                summary[f"{t}|{b}"] = {
+                    e: statistics.geometric_mean([c["engines"][e]["ratio"] for c in sel])
+                    for e in engines
+                    if e != "none"
+                }
+    res = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "k": args.k,
+                   "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts_per_domain,
+                   "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines},
+        "wall_s": time.perf_counter() - t_start,
+        "cells": cells,
+        "summary": summary,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    if engines == list(ENGINES):
+        out.with_suffix(".md").write_text(_markdown(res))
+    print(f"wrote {out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Parity: the depth-1..g draft distributions vLLM computes with our heads equal ``draft_reference``.
+
+One engine start (subprocess): a T=1 bebop request with max_tokens=1; a hook on the EAGLE
+proposer records the first ``propose`` call (draft token ids and the probabilities handed to the
+verifier). ``bebop_vllm.heads.draft_reference`` (transformers target + plain-torch head, fp32)
+then recomputes the chain for the same prefix and the same drafted tokens.
+
+Tolerance: total-variation distance per depth <= ``TV_TOL``. vLLM runs the target and the head
+in bf16 and the reference in fp32, so the two differ by bf16 rounding only; a negative control
+(same comparison with heads of another seed, and with depths shifted by one) must exceed the
+tolerance by a wide margin, so the test can tell a wrong head wiring from rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+NUM_SPEC = 3
+TV_TOL = 0.03
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
+
+
+def _model_dir() -> Path:
+    from bebop_vllm.paths import default_model_dir
+
+    return default_model_dir()
+
+
+def _worker(heads: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(_model_dir()), max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4,
+              speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC})
+    llm.collective_rpc(_install_hook)
+    records = []
+    for prompt in PROMPTS:  # one request at a time: the first propose call is this request's
+        out = llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=1, seed=3), use_tqdm=False)[0]
+        rec = llm.collective_rpc(_take_record)[0]
+        records.append({"prompt_ids": list(out.prompt_token_ids), "token": list(out.outputs[0].token_ids), **rec})
+    Path(out_path).write_text(json.dumps(records))
+
+
+def _install_hook(worker) -> None:
+    drafter = worker.model_runner.drafter
+    original = drafter.propose
+    drafter._bebop_parity = []
+
+    def propose(*args, **kwargs):
+        ids = original(*args, **kwargs)
+        probs = drafter.take_last_draft_probs()
+        drafter._bebop_parity.append((ids.detach().clone(), None if probs is None else probs.detach().clone()))
+        return ids
+
+    drafter.propose = propose
+
+
+def _take_record(worker) -> dict:
+    drafter = worker.model_runner.drafter
+    ids, probs = drafter._bebop_parity[0]
+    drafter._bebop_parity.clear()
+    return {"draft_ids": ids[0].tolist(), "probs": probs[0].float().tolist() if probs is not None else None}
+
+
+@pytest.fixture(scope="module")
+def parity(tmp_path_factory):
+    from bebop_vllm.heads import init_random_heads
+    from bebop_vllm.paths import SHIPPED_HEADS_DIR
+
+    if not (_model_dir() / "config.json").is_file():
+        pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
+    tmp = tmp_path_factory.mktemp("parity")
+    if os.environ.get("BEBOP_TEST_HEADS"):
+        heads = Path(os.environ["BEBOP_TEST_HEADS"])
+    elif (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
+        heads = SHIPPED_HEADS_DIR
+    else:
+        heads = init_random_heads(_model_dir(), tmp / "heads", num_depths=NUM_SPEC, seed=0)
+    other = init_random_heads(_model_dir(), tmp / "other", num_depths=NUM_SPEC, seed=1)
+    out = tmp / "records.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, __file__, str(heads), str(out)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"parity engine failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
+    return heads, other, json.loads(out.read_text())
+
+
+def _tv(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def test_draft_distributions_match_reference(parity):
+    from bebop_vllm.heads import draft_reference
+
+    heads, other, records = parity
+    assert len(records) == len(PROMPTS)
+    for rec in records:
+        assert rec["probs"] is not None, "probabilistic drafting must hand draft probs to the verifier"
+        vllm_q = torch.tensor(rec["probs"])  # [g, V]
+        assert vllm_q.shape[0] == NUM_SPEC
+        chain = rec["prompt_ids"] + rec["token"]
+        ref = draft_reference(_model_dir(), heads, chain, rec["draft_ids"][: NUM_SPEC - 1], temperature=1.0)
+        assert ref.shape == vllm_q.shape
+        tv = _tv(vllm_q, ref)
+        assert (tv <= TV_TOL).all(), f"TV per depth {tv.tolist()} > {TV_TOL}"
+        # The drafted tokens are samples of these distributions: each must have q > 0.
+        assert all(ref[j, t] > 0 for j, t in enumerate(rec["draft_ids"]))
+
+        # Negative controls: the comparison must be able to fail.
+        wrong = draft_reference(_model_dir(), other, chain, rec["draft_ids"][: NUM_SPEC - 1], temperature=1.0)
+        assert (_tv(vllm_q, wrong) > 5 * TV_TOL).all(), _tv(vllm_q, wrong).tolist()
+        assert (_tv(vllm_q[1:], ref[:-1]) > 5 * TV_TOL).all(), _tv(vllm_q[1:], ref[:-1]).tolist()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
