@@ -1,0 +1,417 @@
+"""Reproduce the Bebop paper's findings on our model (issue 6): one command, resumable.
+
+    .venv/bin/python benchmarks/acceptance_study.py            # the full study (~25 min on 2 cores)
+    .venv/bin/python benchmarks/acceptance_study.py --quick    # the whole pipeline on a few prompts (CI)
+
+Two measurement sources, labelled everywhere:
+
+(a) *analytic* (teacher-forced, PyTorch): held-out prompts of math/code/agentic, continuations
+    sampled by the target in vLLM at each temperature; per request the target's mean entropy
+    and the heads' expected acceptance for probabilistic drafting (alpha = sum min(p, q)) and
+    greedy drafting (alpha = p(argmax q)) per depth; E[tau] = 1 + sum_j prod_{i<=j} alpha_i.
+    Claims 1-3 and the entropy -> accepted-length predictor.
+(b) *engine* (vLLM with the bebop method): batch-1 tokens/s of each head and draft mode next to
+    no speculation in the same run, with vLLM's per-request measured acceptance; claim 4, and a
+    cross-check of (a) on the very tokens the engine generated.
+
+Every stage caches its result under ``<out>/cache`` (keyed by the settings it depends on): a
+rerun after an interruption recomputes only what is missing. Outputs: ``<out>/study.json``,
+``<out>/study.md`` and PNG figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study.common import LOSS_ORDER, MODES, StageCache, StudyConfig, discover_heads, head_metadata  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "study"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Reproduce the Bebop paper's claims on the default model: (1) entropy bounds acceptance, "
+        "(2) rejection sampling beats greedy drafting as entropy rises, (3) e2e-TV heads beat CE/KL heads, "
+        "(4) throughput follows acceptance. Resumable (per-stage cache in OUT/cache); writes study.json, "
+        "study.md and PNG plots to OUT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (results, plots, stage cache)")
+    p.add_argument("--model", type=Path, default=None, help="target model folder (default: the fetched SmolLM2-135M)")
+    p.add_argument(
+        "--heads", action="append", default=[], metavar="LOSS=DIR",
+        help="a head folder per loss (repeatable); default: every heads/smollm2-135m-<loss>/ in the repo",
+    )
+    p.add_argument("--primary", default="e2e-tv", help="head used for claims 1, 2 and the predictor (if it exists)")
+    p.add_argument("--quick", action="store_true", help="whole pipeline on a few prompts and tokens (CI, < 3 min)")
+    p.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
+    p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (full: 8)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (full: 384)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="sampled continuation length (full: 128)")
+    p.add_argument("--temperatures", default=None, help="comma-separated sweep (full: 0.3,0.5,0.7,1.0,1.3)")
+    p.add_argument("--compare-temperatures", default=None, help="claim 3 temperatures (full: 0.7,1.0)")
+    p.add_argument("--depth", type=int, default=None, help="draft depth g (default: the primary head's)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-engine", action="store_true", help="skip the vLLM speculative runs (claim 4, cross-check)")
+    p.add_argument("--engine-prompts-per-domain", type=int, default=None, help="timed requests per domain (full: 2)")
+    p.add_argument("--engine-max-new-tokens", type=int, default=None, help="tokens per timed request (full: 128)")
+    p.add_argument("--engine-temperatures", default=None, help="timed temperatures (full: 1.0)")
+    p.add_argument(
+        "--engine-configs", default=None,
+        help="comma-separated LOSS:MODE pairs run in vLLM, MODE probabilistic|greedy "
+        "(full: primary with both modes, every other head probabilistic)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the analytic part (default: all)")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing engine run instead of "
+                   "recording the failure and going on")
+    return p.parse_args(argv)
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def build_config(args: argparse.Namespace) -> StudyConfig:
+    from bebop_vllm.errors import BebopError
+    from bebop_vllm.paths import default_model_dir
+
+    model_dir = (args.model or default_model_dir()).expanduser().resolve()
+    if not (model_dir / "config.json").is_file():
+        raise BebopError(f"target model folder {model_dir} has no config.json; run `bebop fetch-model` first")
+    heads = {k: str(v) for k, v in discover_heads().items()}
+    for item in args.heads:
+        if "=" not in item:
+            raise BebopError(f"--heads wants LOSS=DIR, got {item!r}")
+        loss, d = item.split("=", 1)
+        heads[loss] = str(Path(d).expanduser().resolve())
+    if not heads:
+        # No trained heads anywhere: run the pipeline with random heads (labelled as such).
+        from bebop_vllm.heads import init_random_heads
+
+        d = args.out / "cache" / "random-init-heads"
+        if not (d / "bebop.json").is_file():
+            init_random_heads(model_dir, d, num_depths=args.depth or 3)
+        heads = {"random-init": str(d.resolve())}
+    primary = args.primary if args.primary in heads else next(iter(heads))
+    depth = args.depth or int(head_metadata(heads[primary]).get("num_depths", 3))
+    q = args.quick
+    temps = _floats(args.temperatures) if args.temperatures else ([0.5, 1.0] if q else [0.3, 0.5, 0.7, 1.0, 1.3])
+    compare = _floats(args.compare_temperatures) if args.compare_temperatures else ([1.0] if q else [0.7, 1.0])
+    engine_temps = _floats(args.engine_temperatures) if args.engine_temperatures else [1.0]
+    if args.engine_configs:
+        configs = []
+        for item in args.engine_configs.split(","):
+            loss, _, mode = item.partition(":")
+            if loss not in heads or mode not in MODES:
+                raise BebopError(f"--engine-configs item {item!r}: heads {sorted(heads)}, modes {list(MODES)}")
+            configs.append((loss, mode))
+    else:
+        configs = [(primary, "probabilistic"), (primary, "greedy")]
+        if not q:
+            configs += [(h, "probabilistic") for h in heads if h != primary]
+    for t in [*temps, *compare, *engine_temps]:
+        if t <= 0:
+            raise BebopError(f"temperatures must be > 0 (sampled decoding), got {t}")
+    missing_compare = [t for t in compare if not any(abs(t - x) < 1e-9 for x in temps)]
+    temps = sorted(set(temps) | set(missing_compare))
+    return StudyConfig(
+        model_dir=str(model_dir),
+        heads=heads,
+        primary=primary,
+        domains=[d.strip() for d in args.domains.split(",") if d.strip()],
+        prompts_per_domain=args.prompts_per_domain or (1 if q else 8),
+        max_prompt_tokens=args.max_prompt_tokens or (256 if q else 384),
+        max_new_tokens=args.max_new_tokens or (24 if q else 128),
+        temperatures=temps,
+        compare_temperatures=compare,
+        num_depths=depth,
+        seed=args.seed,
+        engine=not args.no_engine,
+        engine_prompts_per_domain=args.engine_prompts_per_domain or (1 if q else 2),
+        engine_max_new_tokens=args.engine_max_new_tokens or (16 if q else 128),
+        engine_temperatures=engine_temps,
+        engine_configs=configs,
+        quick=q,
+    )
+
+
+# -- stages -------------------------------------------------------------------------------------
+def select_study_prompts(cfg: StudyConfig) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from bebop_vllm.train.generate import select_prompts
+
+    tok = AutoTokenizer.from_pretrained(cfg.model_dir)
+    rows = select_prompts(tok, "heldout", cfg.domains, cfg.prompts_per_domain, cfg.max_prompt_tokens)
+    return [{"domain": d, "prompt_id": pid, "ids": ids} for d, pid, ids in rows]
+
+
+def engine_prompts(cfg: StudyConfig, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for d in cfg.domains:
+        out += [p for p in prompts if p["domain"] == d][: cfg.engine_prompts_per_domain]
+    return out
+
+
+def _max_model_len(cfg: StudyConfig) -> int:
+    new = max(cfg.max_new_tokens, cfg.engine_max_new_tokens)
+    return min(2048, cfg.max_prompt_tokens + new + 2 * cfg.num_depths + 8)
+
+
+def stage_baseline(cfg: StudyConfig, prompts: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+    """No speculation: sample the held-out continuations (all temperatures, batched) and time
+    batch-1 generation of the engine prompts (the speedup denominator)."""
+    from study.engine import run_engine_job
+
+    eprompts = engine_prompts(cfg, prompts)
+    job = {
+        "name": "baseline",
+        "model": cfg.model_dir,
+        "speculative_config": None,
+        "max_model_len": _max_model_len(cfg),
+        "seed": cfg.seed,
+        "sample": {
+            "prompts": [p["ids"] for p in prompts],
+            "temperatures": cfg.temperatures,
+            "max_tokens": cfg.max_new_tokens,
+            "seeds": [cfg.seed * 1_000_003 + i for i in range(len(prompts))],
+        },
+    }
+    if cfg.engine:
+        job["timed"] = {
+            "prompts": [p["ids"] for p in eprompts],
+            "temperatures": cfg.engine_temperatures,
+            "max_tokens": cfg.engine_max_new_tokens,
+            "seeds": [cfg.seed * 7919 + i for i in range(len(eprompts))],
+            "warmup": 1,
+        }
+    return run_engine_job(job, work)
+
+
+def stage_engine(cfg: StudyConfig, prompts: list[dict[str, Any]], loss: str, mode: str, work: Path) -> dict[str, Any]:
+    from study.engine import run_engine_job, speculative_config
+
+    eprompts = engine_prompts(cfg, prompts)
+    job = {
+        "name": f"bebop-{loss}-{mode}",
+        "model": cfg.model_dir,
+        "speculative_config": speculative_config(cfg.heads[loss], mode, cfg.num_depths),
+        "max_model_len": _max_model_len(cfg),
+        "seed": cfg.seed,
+        "timed": {
+            "prompts": [p["ids"] for p in eprompts],
+            "temperatures": cfg.engine_temperatures,
+            "max_tokens": cfg.engine_max_new_tokens,
+            "seeds": [cfg.seed * 7919 + i for i in range(len(eprompts))],
+            "warmup": 1,
+        },
+    }
+    return run_engine_job(job, work)
+
+
+class Analyzer:
+    """The target and the heads in PyTorch, loaded once."""
+
+    def __init__(self, cfg: StudyConfig) -> None:
+        import torch
+
+        from bebop_vllm.heads import load_heads
+        from bebop_vllm.heads.target import load_target_model
+
+        self.cfg = cfg
+        self.target = load_target_model(cfg.model_dir, torch.float32)
+        self.heads = {name: load_heads(d, cfg.model_dir, dtype=torch.float32) for name, d in cfg.heads.items()}
+        for h in self.heads.values():
+            h.eval()
+
+    def run(self, tokens: list[int], prompt_len: int, temperature: float, heads: list[str]) -> dict[str, Any]:
+        from study.analytic import SequenceInput, sequence_stats
+
+        seq = SequenceInput(tokens=tokens, prompt_len=prompt_len, temperature=temperature)
+        return sequence_stats(self.target, {h: self.heads[h] for h in heads}, seq, self.cfg.num_depths)
+
+
+def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], baseline: dict[str, Any],
+                   analyzer_fn: Any, partial: Path) -> list[dict[str, Any]]:
+    """Teacher-forced statistics per request; resumable per sequence through ``partial`` (jsonl)."""
+    from tqdm import tqdm
+
+    done: dict[str, list[dict[str, Any]]] = {}
+    if partial.is_file():
+        for line in partial.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                done[row["key"]] = row["records"]
+    records: list[dict[str, Any]] = []
+    samples = baseline["sample"]
+    todo = [s for s in samples if f"{s['prompt_index']}@{s['temperature']:g}" not in done]
+    bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="analytic (teacher-forced)",
+               unit="seq", dynamic_ncols=True)
+    with partial.open("a") as f:
+        for s in samples:
+            key = f"{s['prompt_index']}@{s['temperature']:g}"
+            if key not in done:
+                p = prompts[s["prompt_index"]]
+                t = s["temperature"]
+                compare = any(abs(t - c) < 1e-9 for c in cfg.compare_temperatures)
+                heads = [cfg.primary] + [h for h in cfg.heads if h != cfg.primary and compare]
+                stats = analyzer_fn().run(p["ids"] + s["tokens"], len(p["ids"]), t, heads)
+                recs = [
+                    {"domain": p["domain"], "prompt_id": p["prompt_id"], "temperature": t, "head": h,
+                     "new_tokens": len(s["tokens"]), "stats": st}
+                    for h, st in stats.items()
+                ]
+                f.write(json.dumps({"key": key, "records": recs}) + "\n")
+                f.flush()
+                done[key] = recs
+                bar.update(1)
+            records.extend(done[key])
+    bar.close()
+    return records
+
+
+def stage_crosscheck(cfg: StudyConfig, prompts: list[dict[str, Any]], engines: dict[str, Any],
+                     analyzer_fn: Any) -> dict[str, Any]:
+    """Teacher-forced prediction on the exact tokens each bebop engine generated, next to what
+    the engine measured for those requests."""
+    from tqdm import tqdm
+
+    eprompts = engine_prompts(cfg, prompts)
+    out: dict[str, Any] = {}
+    items = [(name, r) for name, r in engines.items() if "error" not in r and name != "baseline"]
+    total = sum(len(r["timed"]) for _, r in items)
+    with tqdm(total=total, desc="cross-check (teacher-forced on engine tokens)", unit="req", dynamic_ncols=True) as bar:
+        for name, r in items:
+            loss, mode = r["loss"], r["mode"]
+            rows = []
+            for row in r["timed"]:
+                p = eprompts[row["prompt_index"]]
+                st = analyzer_fn().run(p["ids"] + row["tokens"], len(p["ids"]), row["temperature"], [loss]).get(loss)
+                spec = row.get("spec") or {}
+                rows.append({
+                    "domain": p["domain"], "prompt_id": p["prompt_id"], "temperature": row["temperature"],
+                    "analytic_tau": st[mode]["tau"] if st else None,
+                    "analytic_acceptance": st[mode]["acceptance"] if st else None,
+                    "entropy_teacher_forced": st["entropy"] if st else None,
+                    "measured_tau": spec.get("mean_acceptance_length"),
+                    "measured_acceptance": spec.get("draft_acceptance_rate"),
+                    "engine_entropy": _engine_entropy(spec),
+                })
+                bar.update(1)
+            out[name] = rows
+    return out
+
+
+def _engine_entropy(spec: dict[str, Any]) -> float | None:
+    """The target entropy the metrics colleague's plugin reports per request (field name probed)."""
+    names = ("mean_target_entropy", "target_entropy_mean", "mean_entropy", "entropy_mean", "target_entropy", "entropy")
+    for k in names:
+        v = spec.get(k)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return float(v)
+        if isinstance(v, dict) and isinstance(v.get("mean"), (int, float)):
+            return float(v["mean"])
+    return None
+
+
+# -- main ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import torch
+    from study.common import machine_info
+    from study.summarize import summarize
+
+    from bebop_vllm.errors import BebopError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        cfg = build_config(args)
+    except BebopError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out)
+    work = cache.dir / "engines"
+    print(f"heads: {cfg.heads} (primary {cfg.primary}); missing losses: "
+          f"{[x for x in LOSS_ORDER if x not in cfg.heads]}")
+
+    data_key = cfg.key("model_dir", "domains", "prompts_per_domain", "max_prompt_tokens", "max_new_tokens",
+                       "temperatures", "seed", "engine", "engine_prompts_per_domain", "engine_max_new_tokens",
+                       "engine_temperatures", "num_depths")
+    prompts = cache.run("prompts", data_key, lambda: select_study_prompts(cfg))
+    baseline = cache.run("baseline", data_key, lambda: stage_baseline(cfg, prompts, work))
+
+    analyzer: list[Analyzer] = []
+
+    def get_analyzer() -> Analyzer:
+        if not analyzer:
+            analyzer.append(Analyzer(cfg))
+        return analyzer[0]
+
+    analytic_key = cfg.key()
+    records = cache.run(
+        "analytic", analytic_key,
+        lambda: stage_analytic(cfg, prompts, baseline, get_analyzer, cache.dir / f"analytic-{analytic_key}.jsonl"),
+    )
+
+    engines: dict[str, Any] = {"baseline": baseline}
+    if cfg.engine:
+        from study.engine import EngineRunError
+
+        for loss, mode in cfg.engine_configs:
+            name = f"bebop-{loss}-{mode}"
+            key = cfg.key() + f"-{name}"
+            try:
+                r = cache.run(name, key, lambda loss=loss, mode=mode: stage_engine(cfg, prompts, loss, mode, work))
+            except EngineRunError as e:
+                if args.fail_fast:
+                    raise
+                print(f"[{name}] FAILED: {str(e).splitlines()[0]}", file=sys.stderr)
+                r = {"error": str(e)[-2000:]}
+            r.update({"loss": loss, "mode": mode})
+            engines[name] = r
+        ok_engines = sorted(n for n, r in engines.items() if "error" not in r)
+        crosscheck = cache.run("crosscheck", analytic_key + "-" + "-".join(ok_engines),
+                               lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer))
+    else:
+        crosscheck = {}
+
+    stage_seconds = {n: cache.seconds(n) for n in ["prompts", "baseline", "analytic", "crosscheck"]}
+    command = "python benchmarks/acceptance_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    summary = summarize(
+        cfg, prompts, records, engines, crosscheck,
+        meta={
+            "command": command.strip(),
+            "started": started,
+            "wall_seconds_this_invocation": round(time.time() - t_start, 1),
+            "stage_seconds": stage_seconds,
+            "machine": machine_info(),
+            "head_metadata": {k: head_metadata(v) for k, v in cfg.heads.items()},
+            "missing_losses": [x for x in LOSS_ORDER if x not in cfg.heads],
+        },
+        out_dir=out,
+    )
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'} and {len(summary['figures'])} figures "
+          f"in {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

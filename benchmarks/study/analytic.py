@@ -1,0 +1,108 @@
+"""Teacher-forced acceptance of the heads on sampled sequences, in PyTorch (no vLLM).
+
+For one sequence (prompt + a continuation the target sampled at temperature T) the frozen
+target runs once (fp32, post-norm hidden states); each head then drafts every chain of the
+continuation through the heads colleague's training/reference path
+(:func:`bebop_vllm.train.chains.sequence_chains`, i.e. ``BebopMTPHead.unroll``, which the head
+tests prove equal to sequential KV-cached drafting). Per chain and depth j:
+
+- target p_j = softmax(lm_head(h) / T), the distribution the verifier samples from;
+- probabilistic drafting, q_j = softmax(draft_logits / T): alpha_j = sum_v min(p_j, q_j);
+- greedy drafting, draft = argmax q_j: alpha_j = p_j(argmax q_j) (<= max_v p_j);
+- expected tokens per verify step E[tau] = 1 + sum_j prod_{i<=j} alpha_i (full chains);
+- draft acceptance rate (vLLM's definition: accepted / drafted) = (E[tau] - 1) / g.
+
+Teacher forcing feeds the sampled tokens to depth j > 1 (DESIGN.md §2): exact when the draft
+matches the target, an approximation otherwise; the engine runs cross-check it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from bebop_vllm.kernels import acceptance_rate, entropy, expected_accepted_length
+
+from bebop_vllm.heads.module import BebopMTPHead
+from bebop_vllm.heads.target import final_hidden_states
+from bebop_vllm.train.chains import sequence_chains
+
+# Per-token entropy bins (nats) for the binned acceptance-vs-entropy curves.
+ENTROPY_BIN_EDGES = np.round(np.arange(0.0, 8.01, 0.25), 2)
+
+
+@dataclass
+class SequenceInput:
+    tokens: list[int]
+    prompt_len: int
+    temperature: float
+
+
+def _bin_sums(h: torch.Tensor, values: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Per entropy bin: count and sums of each value (tokens above the last edge go to the last bin)."""
+    idx = np.clip(np.digitize(h.numpy(), ENTROPY_BIN_EDGES) - 1, 0, len(ENTROPY_BIN_EDGES) - 2)
+    nb = len(ENTROPY_BIN_EDGES) - 1
+    out = {"count": np.bincount(idx, minlength=nb).astype(float).tolist()}
+    for k, v in values.items():
+        out[k] = np.bincount(idx, weights=v.double().numpy(), minlength=nb).tolist()
+    return out
+
+
+def _mode_stats(alpha: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """Sums and counts (so requests can be pooled exactly) plus per-request means."""
+    g = alpha.shape[1]
+    a = torch.where(mask, alpha, 0.0).double()
+    full = mask.all(1)
+    tau = expected_accepted_length(alpha[full].double())
+    alpha_sum, alpha_cnt = a.sum(0), mask.sum(0).double()
+    tau_mean = float(tau.mean()) if len(tau) else float("nan")
+    return {
+        "alpha_sum": alpha_sum.tolist(),
+        "alpha_count": alpha_cnt.tolist(),
+        "tau_sum": float(tau.sum()),
+        "tau_count": int(full.sum()),
+        "alpha": (alpha_sum / alpha_cnt.clamp_min(1)).tolist(),
+        "tau": tau_mean,
+        "acceptance": (tau_mean - 1) / g,
+    }
+
+
+@torch.no_grad()
+def head_stats(head: BebopMTPHead, seq: SequenceInput, hidden: torch.Tensor, num_depths: int) -> dict[str, Any] | None:
+    """Teacher-forced statistics of one head on one sequence (None when it has no full chain)."""
+    tokens = torch.tensor(seq.tokens, dtype=torch.int64)
+    if len(tokens) - seq.prompt_len < num_depths + 1:
+        return None
+    b = sequence_chains(head, tokens, hidden, seq.prompt_len, num_depths, seq.temperature)
+    p = b.target_probs  # [N, g, V] fp32, tempered
+    q = torch.softmax(b.draft_logits.float(), dim=-1)  # logits already divided by T
+    alpha_prob = acceptance_rate(p, q)
+    alpha_greedy = p.gather(-1, b.draft_logits.argmax(-1, keepdim=True)).squeeze(-1)
+    h1 = entropy(p[:, 0])  # entropy of the distribution each chain's first draft is verified against
+    pmax1 = p[:, 0].max(-1).values
+    mask = b.mask
+    return {
+        "num_chains": int(mask.shape[0]),
+        "entropy": float(h1.mean()),
+        "entropy_by_depth": [float(entropy(p[:, j])[mask[:, j]].mean()) for j in range(num_depths)],
+        "pmax": float(pmax1.mean()),
+        "probabilistic": _mode_stats(alpha_prob, mask),
+        "greedy": _mode_stats(alpha_greedy, mask),
+        "bins": _bin_sums(h1, {"alpha_prob": alpha_prob[:, 0], "alpha_greedy": alpha_greedy[:, 0], "pmax": pmax1}),
+    }
+
+
+@torch.no_grad()
+def sequence_stats(
+    target: Any, heads: dict[str, BebopMTPHead], seq: SequenceInput, num_depths: int
+) -> dict[str, dict[str, Any]]:
+    """Run the target once on ``seq`` and every head in ``heads`` on its chains."""
+    hidden = final_hidden_states(target, torch.tensor([seq.tokens]))[0].float()
+    out = {}
+    for name, head in heads.items():
+        s = head_stats(head, seq, hidden, num_depths)
+        if s is not None:
+            out[name] = s
+    return out

@@ -1,0 +1,126 @@
+"""Study configuration, the per-stage result cache (resumability) and head discovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bebop_vllm.paths import REPO_ROOT
+
+LOSS_ORDER = ("e2e-tv", "ce", "kl", "tv", "hybrid")
+HEADS_ROOT = REPO_ROOT / "heads"
+HEAD_PREFIX = "smollm2-135m-"
+MODES = ("probabilistic", "greedy")
+
+
+@dataclass
+class StudyConfig:
+    """Everything that determines the study's numbers (hashed into the stage cache keys)."""
+
+    model_dir: str
+    heads: dict[str, str]  # loss name -> heads folder
+    primary: str  # the head used for claims 1 and 2 (e2e-tv when it exists)
+    domains: list[str]
+    prompts_per_domain: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+    temperatures: list[float]
+    compare_temperatures: list[float]  # claim 3: every head is evaluated at these
+    num_depths: int
+    seed: int
+    # engine part (claim 4 and the cross-check)
+    engine: bool
+    engine_prompts_per_domain: int
+    engine_max_new_tokens: int
+    engine_temperatures: list[float]
+    engine_configs: list[tuple[str, str]]  # (head loss, draft mode) pairs run in vLLM
+    quick: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, *names: str) -> str:
+        """Hash of the named fields (all fields when none are named): the stage cache key."""
+        d = asdict(self)
+        d.pop("extra", None)
+        if names:
+            d = {n: d[n] for n in names}
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class StageCache:
+    """One JSON file per stage under ``<out>/cache``: a stage whose key matches is not recomputed."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.dir = out_dir / "cache"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def get(self, name: str, key: str) -> Any | None:
+        p = self.path(name)
+        if not p.is_file():
+            return None
+        try:
+            blob = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+        return blob["result"] if blob.get("key") == key else None
+
+    def put(self, name: str, key: str, result: Any, seconds: float) -> None:
+        tmp = self.path(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "seconds": round(seconds, 1), "result": result}) + "\n")
+        tmp.replace(self.path(name))
+
+    def run(self, name: str, key: str, fn: Callable[[], Any], log: Callable[[str], None] = print) -> Any:
+        """The cached result of stage ``name`` for ``key``, or run ``fn`` and cache its result."""
+        cached = self.get(name, key)
+        if cached is not None:
+            log(f"[{name}] cached ({self.path(name).name})")
+            return cached
+        t0 = time.time()
+        result = fn()
+        self.put(name, key, result, time.time() - t0)
+        log(f"[{name}] done in {time.time() - t0:.0f} s")
+        return result
+
+    def seconds(self, name: str) -> float | None:
+        p = self.path(name)
+        return json.loads(p.read_text()).get("seconds") if p.is_file() else None
+
+
+def discover_heads(root: Path = HEADS_ROOT) -> dict[str, Path]:
+    """Shipped heads by loss: ``heads/smollm2-135m-<loss>/`` folders that hold a complete checkpoint."""
+    out: dict[str, Path] = {}
+    for loss in LOSS_ORDER:
+        d = root / f"{HEAD_PREFIX}{loss}"
+        if all((d / f).is_file() for f in ("model.safetensors", "config.json", "bebop.json")):
+            out[loss] = d
+    return out
+
+
+def head_metadata(head_dir: str | Path) -> dict[str, Any]:
+    p = Path(head_dir) / "bebop.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def machine_info() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_1_5_15": [round(x, 2) for x in load] if load[0] is not None else None,
+    }
+
+
+def prompt_half(domain: str, prompt_id: str) -> int:
+    """0 or 1: a deterministic split of the study's requests into a fit half and an evaluation half."""
+    return hashlib.sha256(f"half:{domain}:{prompt_id}".encode()).digest()[0] % 2
