@@ -84,12 +84,13 @@ def test_unroll_matches_sequential_drafting_exactly(heads: Path, target: Path) -
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (14,))
     hidden = final_hidden_states(model, ids[None])[0]
-    outs = head.unroll(ids[1:][None], hidden[:-1][None], 3)
-    for t in (0, 4, 9):
-        q = draft_chain_probs(head, hidden, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
-        for j in range(3):
-            qu = torch.softmax(head.logits(outs[j][0, t + j]), -1)
-            torch.testing.assert_close(qu, q[j], atol=1e-6, rtol=1e-5)
+    for first_chain in (0, 4):  # 4: depths >= 2 computed only for chains t >= 4 (the trainer's window)
+        outs = head.unroll(ids[1:][None], hidden[:-1][None], 3, first_chain=first_chain)
+        for t in (first_chain, 6, 10):
+            q = draft_chain_probs(head, hidden, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+            for j in range(3):
+                qu = torch.softmax(head.logits(outs[j][0, t + j]), -1)
+                torch.testing.assert_close(qu, q[j], atol=1e-6, rtol=1e-5)
 
 
 def test_draft_reference_rows_are_distributions(heads: Path, target: Path) -> None:

@@ -70,7 +70,7 @@ def test_tiny_training_lowers_heldout_e2e_tv_loss(setup: tuple[Path, Path], tmp_
     target, data = setup
     held = load_split(data, "heldout")
     cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(len(held))
+    cache.fill(list(range(len(held))), progress=False)
     before = evaluate(new_head(target, warm_start=True), held, cache, list(range(len(held))), 3, 1.0, progress=False)
     meta = train(_cfg(setup, tmp_path / "h", loss=loss))
     after = meta.heldout
@@ -113,3 +113,28 @@ def test_cli_refuses_bad_input(setup: tuple[Path, Path], tmp_path: Path, capsys:
         == 1
     )
     assert "no train or held-out sequences sampled at T=0.5" in capsys.readouterr().err
+
+
+class _FakeTokenizer:
+    """Just enough of a HF tokenizer for prompt selection: one token per character."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:  # noqa: ANN001
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, text: str, add_special_tokens: bool = False):  # noqa: ANN204
+        class _Out:
+            input_ids = [ord(c) % 100 for c in text]
+
+        return _Out()
+
+
+def test_prompt_selection_interleaves_domains_and_skips_long_prompts() -> None:
+    from bebop_vllm.train.generate import select_prompts
+
+    got = select_prompts(_FakeTokenizer(), "train", ["math", "code"], 3, max_prompt_tokens=100_000)
+    assert [d for d, _, _ in got] == ["math", "code"] * 3
+    assert select_prompts(_FakeTokenizer(), "train", ["math"], 3, max_prompt_tokens=10) == []
+    from bebop_vllm.data import load_prompts
+
+    held = {p.id for p in load_prompts(["math", "code"], "heldout")}
+    assert not held & {pid for _, pid, _ in select_prompts(_FakeTokenizer(), "train", ["math", "code"], None, 100_000)}

@@ -34,6 +34,18 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "--temperature", type=float, action="append", help="sampling temperature (default: 1.0); repeat for several"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument(
+        "--split",
+        choices=["heldout", "train"],
+        action="append",
+        help="split(s) to generate (default: heldout then train); repeatable",
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=48,
+        help="prompts per vLLM call; data is saved after each chunk and a rerun continues (default: 48)",
+    )
     return p
 
 
@@ -43,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from bebop_vllm.train.dataset import default_data_dir
     from bebop_vllm.train.generate import generate_data
 
-    for name in ("train_per_domain", "heldout_per_domain", "max_prompt_tokens", "max_new_tokens"):
+    for name in ("train_per_domain", "heldout_per_domain", "max_prompt_tokens", "max_new_tokens", "chunk"):
         if getattr(args, name) < 1:
             raise BebopError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     temps = args.temperature or [1.0]

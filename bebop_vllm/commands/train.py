@@ -39,7 +39,18 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         default=128,
         help="random subset of draft chains per sequence and step (default: 128)",
     )
-    p.add_argument("--max-train-sequences", type=int, default=None, help="use only the first N train sequences")
+    p.add_argument(
+        "--max-train-sequences",
+        type=int,
+        default=None,
+        help="use N evenly spaced train sequences (keeps the domain mix; default: all)",
+    )
+    p.add_argument(
+        "--heldout-sequences",
+        type=int,
+        default=None,
+        help="evaluate on N evenly spaced held-out sequences (default: all)",
+    )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default: 1e-3)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps (default: 10)")
     p.add_argument(
@@ -89,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         eval_sequences=args.eval_sequences,
         save_every=args.save_every,
         seed=args.seed,
-        resume=args.resume, stop_after=args.stop_after,
+        resume=args.resume,
+        stop_after=args.stop_after,
     )
     meta = train(cfg)
     if meta is None:

@@ -168,7 +168,9 @@ def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = Fal
     """A fresh fp32 head for the target. Linear weights ~ N(0, initializer_range), norms = 1.
 
     ``warm_start``: copy the target's LAST decoder layer into ``layer`` and its final norm into
-    ``norm`` (the head then starts as "one more target layer" on top of a random fc)."""
+    ``norm``, and start fc's hidden half as the identity (its embedding half stays small and
+    random): the head then starts as "one more target layer" over the target's hidden state,
+    instead of over a random projection, and learns to mix in the next token's embedding."""
     from bebop_vllm.heads.target import read_target_tensors
 
     tcfg = read_target_config(target_model_dir)
@@ -193,6 +195,8 @@ def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = Fal
             for head_name, target_name in names.items():
                 params[head_name].copy_(src[target_name].float())
             params["norm.weight"].copy_(src["model.norm.weight"].float())
+            h = head.shape.hidden_size
+            params["fc.weight"][:, h:] = torch.eye(h)
     head.attach_target(*target_embedding_and_lm_head(target_model_dir))
     return head
 

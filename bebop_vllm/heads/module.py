@@ -205,47 +205,59 @@ class BebopMTPHead(nn.Module):
         return self.fc(torch.cat([self.enorm(token_embeds), self.hnorm(hidden.to(token_embeds.dtype))], dim=-1))
 
     # -- training: all chains of a sequence at once, teacher-forced ---------------------------
-    def unroll(self, next_token_ids: torch.Tensor, target_hidden: torch.Tensor, num_depths: int) -> list[torch.Tensor]:
+    def unroll(
+        self, next_token_ids: torch.Tensor, target_hidden: torch.Tensor, num_depths: int, first_chain: int = 0
+    ) -> list[torch.Tensor]:
         """Teacher-forced residual outputs for every chain and depth, position-indexed.
 
         Inputs for positions p = 0..L-1 of one batch of sequences: ``next_token_ids`` [B, L]
         = x_{p+1} and ``target_hidden`` [B, L, H] = h_p (target final hidden, post-norm).
         Returns ``[r_1, .., r_g]``, each [B, L, H]: r_j[p] is depth j of the chain that starts
-        at t = p - j + 1 (it predicts x_{p+2}; valid for p >= j - 1).
+        at t = p - j + 1 (it predicts x_{p+2}). Only chains t >= ``first_chain`` are computed
+        at depths >= 2 (e.g. the completion's chains; the prompt still serves as depth-1
+        context); other entries of r_2.. are zero or meaningless.
 
         Attention reproduces vLLM's draft KV cache exactly: the depth-j query of chain t (at
         position p = t + j - 1) sees the depth-1 keys of positions <= t (entries computed from
         target hidden states) plus the chain's own depth-2..j keys at t+1..p; all in one softmax.
         """
         b, n = next_token_ids.shape
-        positions = torch.arange(n).expand(b, n)
+        s = min(max(first_chain, 0), n)
         emb = self.embed(next_token_ids)
         scale = 1.0 / math.sqrt(self.shape.head_dim)
-        key_pos = torch.arange(n)
-        hidden = target_hidden
-        keys: list[torch.Tensor] = []
+        # depth 1: ordinary causal attention over every position
+        x = self.fuse(emb, target_hidden)
+        q, k1, v1 = self.layer.qkv(x, torch.arange(n).expand(b, n))
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        probs = torch.softmax(((q @ k1.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")).float(), -1)
+        outs = [self.layer.finish(x, probs.to(q.dtype) @ v1)]
+        # depths >= 2 on the window of positions p >= s (window-local index w = p - s)
+        pos = torch.arange(s, n)
+        keys: list[torch.Tensor] = []  # depth 2.. keys / values on the window
         values: list[torch.Tensor] = []
-        outs: list[torch.Tensor] = []
-        for j in range(1, num_depths + 1):
-            if j > 1:  # depth j at p consumes depth j-1 of the same chain, which sits at p-1
-                hidden = _shift_right(outs[-1], 1, dim=1)
-            x = self.fuse(emb, hidden)
-            q, k, v = self.layer.qkv(x, positions)
+        window_outs: list[torch.Tensor] = []
+        for j in range(2, num_depths + 1):
+            # depth j at p consumes depth j-1 of the same chain, which sits at p-1
+            prev = outs[0][:, max(s - 1, 0) : n - 1] if j == 2 else window_outs[-1][:, :-1]
+            hidden = torch.cat([torch.zeros_like(prev[:, : (n - s) - prev.shape[1]]), prev], dim=1)
+            x = self.fuse(emb[:, s:], hidden)
+            q, k, v = self.layer.qkv(x, pos.expand(b, n - s))
             keys.append(k)
             values.append(v)
-            shared = (q @ keys[0].transpose(-1, -2)) * scale  # [B, heads, L, L] vs depth-1 keys
-            visible = key_pos[None, :] <= (key_pos[:, None] - (j - 1))  # keys <= t = p - j + 1
+            shared = (q @ k1.transpose(-1, -2)) * scale  # [B, heads, n-s, n] vs depth-1 keys
+            visible = torch.arange(n)[None, :] <= (pos[:, None] - (j - 1))  # keys <= t = p - j + 1
             shared = shared.masked_fill(~visible, float("-inf"))
-            # chain-own keys: depth i (2..i..j) entry of the same chain sits at p - (j - i)
-            own_k = [_shift_right(keys[i - 1], j - i, dim=2) for i in range(2, j + 1)]
-            own_v = [_shift_right(values[i - 1], j - i, dim=2) for i in range(2, j + 1)]
+            # chain-own keys: the depth-i entry (i = 2..j) of the same chain sits at p - (j - i)
+            own_k = [_shift_right(keys[i - 2], j - i, dim=2) for i in range(2, j + 1)]
+            own_v = [_shift_right(values[i - 2], j - i, dim=2) for i in range(2, j + 1)]
             own = [(q * kk).sum(-1, keepdim=True) * scale for kk in own_k]
             probs = torch.softmax(torch.cat([shared, *own], dim=-1).float(), dim=-1).to(q.dtype)
-            attn = probs[..., :n] @ values[0]
+            attn = probs[..., :n] @ v1
             for i, vv in enumerate(own_v):
                 attn = attn + probs[..., n + i : n + i + 1] * vv
-            outs.append(self.layer.finish(x, attn))
-        return outs
+            window_outs.append(self.layer.finish(x, attn))
+        pad = outs[0].new_zeros(b, s, outs[0].shape[-1])
+        return outs + [torch.cat([pad, w], dim=1) for w in window_outs]
 
     # -- inference: one step with an explicit KV cache (the slow reference) --------------------
     def step(

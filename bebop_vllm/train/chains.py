@@ -50,7 +50,9 @@ def sequence_chains(
     if chain_starts is None:
         chain_starts = torch.arange(max(prompt_len - 1, 0), length - 1)
     dtype = head.fc.weight.dtype
-    outs = head.unroll(tokens[1:][None], hidden[:-1][None].to(dtype), num_depths)  # each [1, L-1, H]
+    outs = head.unroll(
+        tokens[1:][None], hidden[:-1][None].to(dtype), num_depths, int(chain_starts.min()) if len(chain_starts) else 0
+    )
     depth = torch.arange(1, num_depths + 1)
     pos = chain_starts[:, None] + depth[None, :] - 1  # where depth j of chain t runs
     mask = pos <= length - 2

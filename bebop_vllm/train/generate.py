@@ -10,24 +10,28 @@ from typing import Any
 
 from bebop_vllm.data import DOMAINS, load_prompts, render
 from bebop_vllm.errors import BebopError
-from bebop_vllm.train.dataset import SequenceSet
+from bebop_vllm.train.dataset import SequenceSet, load_split
 
 
 def select_prompts(
     tokenizer: Any, split: str, domains: list[str], limit_per_domain: int | None, max_prompt_tokens: int
 ) -> list[tuple[str, str, list[int]]]:
-    """(domain, prompt id, prompt token ids) for a split; prompts longer than
-    ``max_prompt_tokens`` are skipped (they dominate the target's cost at train time)."""
-    out = []
+    """(domain, prompt id, prompt token ids) for a split, domains interleaved (so that any prefix
+    keeps the domain mix); prompts longer than ``max_prompt_tokens`` are skipped (they dominate
+    the target's cost at train time)."""
+    per_domain = []
     for d in domains:
-        kept = 0
+        kept = []
         for p in load_prompts([d], split):
-            if limit_per_domain is not None and kept >= limit_per_domain:
+            if limit_per_domain is not None and len(kept) >= limit_per_domain:
                 break
             ids = tokenizer(render(p, tokenizer), add_special_tokens=False).input_ids
             if len(ids) <= max_prompt_tokens:
-                out.append((d, p.id, ids))
-                kept += 1
+                kept.append((d, p.id, ids))
+        per_domain.append(kept)
+    out = []
+    for k in range(max((len(x) for x in per_domain), default=0)):
+        out.extend(x[k] for x in per_domain if k < len(x))
     return out
 
 
@@ -42,30 +46,20 @@ def generate_split(
     temperatures: list[float],
     seed: int,
     model_dir: Path,
+    out_dir: Path,
+    chunk: int = 48,
 ) -> SequenceSet:
-    """Sample one continuation per prompt and temperature; vLLM shows a progress bar."""
+    """Sample one continuation per prompt and temperature, ``chunk`` prompts per vLLM call; the
+    split folder is rewritten after every chunk, so an interrupted run keeps what it finished
+    and a rerun continues where it stopped."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = select_prompts(tokenizer, split, domains, limit_per_domain, max_prompt_tokens)
     if not prompts:
         raise BebopError(f"no {split} prompts left for domains {domains} with --max-prompt-tokens {max_prompt_tokens}")
-    sequences, prompt_lens, temps, items = [], [], [], []
-    t0 = time.time()
-    for temp in temperatures:
-        # a per-prompt seed makes each sample reproducible whatever the batch composition
-        params = [
-            SamplingParams(temperature=temp, max_tokens=max_new_tokens, seed=seed * 1_000_003 + i)
-            for i in range(len(prompts))
-        ]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for _, _, ids in prompts], params, use_tqdm=True)
-        for (domain, pid, ids), o in zip(prompts, outs, strict=True):
-            completion = list(o.outputs[0].token_ids)
-            sequences.append(ids + completion)
-            prompt_lens.append(len(ids))
-            temps.append(temp)
-            items.append({"domain": domain, "id": pid, "finish_reason": o.outputs[0].finish_reason})
-    meta = {
+    folder = out_dir / split
+    meta: dict[str, Any] = {
         "split": split,
         "model": str(model_dir),
         "generator": "vllm",
@@ -75,15 +69,52 @@ def generate_split(
         "max_new_tokens": max_new_tokens,
         "temperatures": temperatures,
         "seed": seed,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "generation_seconds": round(time.time() - t0, 1),
-        "items": items,
+        "generation_seconds": 0.0,
+        "items": [],
     }
-    seqs = SequenceSet.from_lists(sequences, prompt_lens, temps, meta)
-    meta["num_sequences"] = len(seqs)
-    meta["num_prompt_tokens"] = seqs.num_prompt_tokens
-    meta["num_completion_tokens"] = seqs.num_completion_tokens
-    return seqs
+    sequences: list[list[int]] = []
+    prompt_lens: list[int] = []
+    temps: list[float] = []
+    if (folder / "tokens.npy").is_file():  # continue an interrupted run with the same settings
+        old = load_split(out_dir, split)
+        same = {k: old.meta.get(k) for k in ("max_new_tokens", "seed", "model")}
+        if same == {"max_new_tokens": max_new_tokens, "seed": seed, "model": str(model_dir)}:
+            meta = old.meta
+            sequences = [old.sequence(i).tolist() for i in range(len(old))]
+            prompt_lens, temps = old.prompt_lens.tolist(), old.temperatures.tolist()
+    done = {(it["id"], it.get("temperature", meta["temperatures"][0])) for it in meta["items"]}
+    for temp in temperatures:
+        todo = [(i, p) for i, p in enumerate(prompts) if (p[1], temp) not in done]
+        for start in range(0, len(todo), chunk):
+            part = todo[start : start + chunk]
+            t0 = time.time()
+            # one SamplingParams for the chunk: per-request seeds crash vLLM 0.32 on CPU
+            # ("CPU Generator does not use offset", gpu_model_runner.py:3502); the engine seed
+            # (LLM(seed=...)) makes a rerun with the same chunks reproducible instead.
+            params = SamplingParams(temperature=temp, max_tokens=max_new_tokens)
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p[2]) for _, p in part], params, use_tqdm=True)
+            for (_, (domain, pid, ids)), o in zip(part, outs, strict=True):
+                sequences.append(ids + list(o.outputs[0].token_ids))
+                prompt_lens.append(len(ids))
+                temps.append(temp)
+                meta["items"].append(
+                    {"domain": domain, "id": pid, "temperature": temp, "finish_reason": o.outputs[0].finish_reason}
+                )
+            meta["generation_seconds"] = round(meta["generation_seconds"] + time.time() - t0, 1)
+            meta["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            seqs = SequenceSet.from_lists(sequences, prompt_lens, temps, meta)
+            meta.update(
+                num_sequences=len(seqs),
+                num_prompt_tokens=seqs.num_prompt_tokens,
+                num_completion_tokens=seqs.num_completion_tokens,
+            )
+            seqs.save(folder)
+            print(
+                f"{split}: {len(seqs)}/{len(prompts) * len(temperatures)} sequences saved "
+                f"({seqs.num_completion_tokens} completion tokens, {meta['generation_seconds']} s)",
+                flush=True,
+            )
+    return load_split(out_dir, split)
 
 
 def generate_data(
@@ -96,8 +127,10 @@ def generate_data(
     max_new_tokens: int = 256,
     temperatures: list[float] | None = None,
     seed: int = 0,
+    splits: tuple[str, ...] = ("heldout", "train"),
+    chunk: int = 48,
 ) -> dict[str, SequenceSet]:
-    """Generate the train and held-out splits into ``out_dir`` (one vLLM engine for both)."""
+    """Generate the held-out and train splits into ``out_dir`` (one vLLM engine for both)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -116,14 +149,20 @@ def generate_data(
         enable_prefix_caching=False,
     )
     out: dict[str, SequenceSet] = {}
-    for split, limit in (("heldout", heldout_per_domain), ("train", train_per_domain)):
-        seqs = generate_split(
-            llm, tokenizer, split, domains, limit, max_prompt_tokens, max_new_tokens, temperatures, seed, model_dir
+    limits = {"heldout": heldout_per_domain, "train": train_per_domain}
+    for split in splits:
+        out[split] = generate_split(
+            llm,
+            tokenizer,
+            split,
+            domains,
+            limits[split],
+            max_prompt_tokens,
+            max_new_tokens,
+            temperatures,
+            seed,
+            model_dir,
+            out_dir,
+            chunk,
         )
-        seqs.save(out_dir / split)
-        print(
-            f"{split}: {len(seqs)} sequences, {seqs.num_prompt_tokens} prompt + {seqs.num_completion_tokens} "
-            f"completion tokens in {seqs.meta['generation_seconds']} s -> {out_dir / split}"
-        )
-        out[split] = seqs
     return out

@@ -3,8 +3,8 @@
 Train time needs, per sequence, the target's post-norm final hidden states (the head's input
 and, through the target's lm_head, the target distributions). Running the 30-layer target is
 the dominant cost on CPU, so the states are cached as one fp16 memmap ``[total_tokens, H]``
-aligned with ``tokens.npy``, filled in sequence order and resumable (``hidden-*.json`` records
-how many sequences are done). Caches live in the dataset folder (under $BEBOP_HOME).
+aligned with ``tokens.npy``, filled for the sequences a run asks for and resumable
+(``hidden-*.json`` records which sequences are done). Caches live in the dataset folder (under $BEBOP_HOME).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _model_key(model_dir: Path) -> str:
 
 
 class HiddenCache:
-    """fp16 memmap of target hidden states for the first ``done`` sequences of a split."""
+    """fp16 memmap of target hidden states for the sequences in ``done`` of a split."""
 
     def __init__(self, data_dir: Path, split: str, seqs: SequenceSet, model_dir: Path) -> None:
         self.seqs = seqs
@@ -39,31 +39,32 @@ class HiddenCache:
         self.model_dir = model_dir
         mode = "r+" if self.path.exists() else "w+"
         self.array = np.memmap(self.path, dtype=np.float16, mode=mode, shape=(len(seqs.tokens), self.hidden_size))
-        self.done = json.loads(self.state_path.read_text())["done"] if self.state_path.exists() else 0
+        self.done: set[int] = (
+            set(json.loads(self.state_path.read_text())["done"]) if self.state_path.exists() else set()
+        )
 
-    def fill(self, num_sequences: int, desc: str = "target hidden states") -> None:
-        """Compute states for sequences [done, num_sequences) with the fp32 target (progress bar)."""
-        num_sequences = min(num_sequences, len(self.seqs))
-        if self.done >= num_sequences:
+    def fill(self, indices: list[int], desc: str = "target hidden states", progress: bool = True) -> None:
+        """Compute the states of the sequences in ``indices`` not cached yet (fp32 target, progress bar)."""
+        todo = [i for i in indices if i not in self.done]
+        if not todo:
             return
         model = load_target_model(self.model_dir, torch.float32)
-        todo = range(self.done, num_sequences)
-        total = int(self.seqs.offsets[num_sequences] - self.seqs.offsets[self.done])
-        with tqdm(total=total, desc=desc, unit="tok", dynamic_ncols=True) as bar:
-            for i in todo:
+        total = int(sum(self.seqs.offsets[i + 1] - self.seqs.offsets[i] for i in todo))
+        with tqdm(total=total, desc=desc, unit="tok", dynamic_ncols=True, disable=not progress) as bar:
+            for k, i in enumerate(todo):
                 ids = torch.from_numpy(self.seqs.sequence(i).astype(np.int64))[None]
                 h = final_hidden_states(model, ids)[0]
                 self.array[self.seqs.offsets[i] : self.seqs.offsets[i + 1]] = h.to(torch.float16).numpy()
-                self.done = i + 1
-                if (i + 1) % 8 == 0 or i + 1 == num_sequences:  # flush, then record progress
+                self.done.add(i)
+                if (k + 1) % 8 == 0 or k + 1 == len(todo):  # flush the data, then record progress
                     self.array.flush()
-                    self.state_path.write_text(json.dumps({"done": self.done}))
+                    self.state_path.write_text(json.dumps({"done": sorted(self.done)}))
                 bar.update(ids.shape[1])
 
     def hidden(self, i: int) -> torch.Tensor:
         """[L_i, H] float32 hidden states of sequence i (must be cached)."""
-        if i >= self.done:
-            raise IndexError(f"sequence {i} has no cached hidden states (only {self.done} cached)")
+        if i not in self.done:
+            raise IndexError(f"sequence {i} has no cached hidden states")
         return torch.from_numpy(
             np.asarray(self.array[self.seqs.offsets[i] : self.seqs.offsets[i + 1]], dtype=np.float32)
         )

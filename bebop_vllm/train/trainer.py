@@ -41,7 +41,8 @@ class TrainConfig:
     steps: int = 200
     seqs_per_step: int = 4
     max_chains_per_seq: int = 128  # random subset of chain starts per sequence and step
-    max_train_sequences: int | None = None
+    max_train_sequences: int | None = None  # evenly spaced subset of the train split
+    heldout_sequences: int | None = None  # evenly spaced subset of the held-out split (final eval)
     lr: float = 1e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -83,8 +84,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _with_temperature(seqs: SequenceSet, temperature: float, limit: int | None) -> list[int]:
+    """Indices of sequences sampled at ``temperature``; with ``limit``, an evenly spaced subset
+    (the splits are stored domain by domain, so this keeps the domain mix)."""
     idx = [i for i in range(len(seqs)) if abs(float(seqs.temperatures[i]) - temperature) < 1e-6]
-    return idx[:limit] if limit is not None else idx
+    if limit is None or limit >= len(idx):
+        return idx
+    return [idx[int(k)] for k in np.linspace(0, len(idx) - 1, limit).round()]
 
 
 def train(cfg: TrainConfig) -> HeadMetadata | None:
@@ -97,15 +102,17 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     torch.manual_seed(cfg.seed)
     train_set, held_set = load_split(cfg.data_dir, "train"), load_split(cfg.data_dir, "heldout")
     train_idx = _with_temperature(train_set, cfg.temperature, cfg.max_train_sequences)
-    held_idx = _with_temperature(held_set, cfg.temperature, None)
+    held_idx = _with_temperature(held_set, cfg.temperature, cfg.heldout_sequences)
     if not train_idx or not held_idx:
         raise BebopError(f"{cfg.data_dir} has no train or held-out sequences sampled at T={cfg.temperature}")
     # target hidden states, computed once per dataset (the expensive part on CPU)
     held_cache = HiddenCache(cfg.data_dir, "heldout", held_set, cfg.model_dir)
-    held_cache.fill(max(held_idx) + 1, desc="target hidden states (held-out)")
+    held_cache.fill(held_idx, desc="target hidden states (held-out)", progress=cfg.progress)
     train_cache = HiddenCache(cfg.data_dir, "train", train_set, cfg.model_dir)
-    train_cache.fill(max(train_idx) + 1, desc="target hidden states (train)")
-    eval_idx = held_idx[: cfg.eval_sequences]
+    train_cache.fill(train_idx, desc="target hidden states (train)", progress=cfg.progress)
+    eval_idx = [
+        held_idx[int(k)] for k in np.linspace(0, len(held_idx) - 1, min(cfg.eval_sequences, len(held_idx))).round()
+    ]
 
     head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
