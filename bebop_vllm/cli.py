@@ -18,6 +18,7 @@ from bebop_vllm.errors import BebopError
 SUBCOMMANDS: dict[str, str] = {
     "fetch-model": "fetch_model",
     "demo": "demo",
+    "serve": "serve",
     "prompts": "prompts",
     "generate-data": "generate_data",
     "train": "train",

@@ -15,6 +15,7 @@ from bebop_vllm.plugin.patches import (
     cpu_expand_fix,
     draft_sampling,
     metrics,
+    metrics_openai,
     model_runner,
     runner_v2_guard,
     speculative_config,
@@ -28,6 +29,7 @@ PATCHES: list[Patch] = [
     draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
+    *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)
 ]
 
 __all__ = ["PATCHES", "Patch", "PatchError"]
