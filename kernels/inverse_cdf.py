@@ -36,25 +36,31 @@ def sample_inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=weights.device)
     weights = weights.float()
-    num_blocks = -(-vocab // BLOCK_V)
-    padded = torch.nn.functional.pad(weights, (0, num_blocks * BLOCK_V - vocab))
-    blocks = padded.view(rows, num_blocks, BLOCK_V)
-    block_mass = blocks.sum(dim=-1).double()  # [R, nb]
-    cum_mass = torch.cumsum(block_mass, dim=-1)  # [R, nb]
+    # A vocabulary smaller than one block is one block. Full blocks are a strided view (no
+    # copy, no padding); the partial last block is summed separately.
+    block_size = min(BLOCK_V, vocab)
+    num_full = vocab // block_size
+    full_mass = weights[:, : num_full * block_size].unflatten(1, (num_full, block_size)).sum(-1)
+    if num_full * block_size < vocab:
+        tail_mass = weights[:, num_full * block_size :].sum(dim=-1, keepdim=True)
+        full_mass = torch.cat([full_mass, tail_mass], dim=1)
+    num_blocks = full_mass.shape[1]
+    block_mass = full_mass.double()  # [R, nb]
+    cum_mass = torch.cumsum(block_mass, dim=-1)  # [R, nb]: the kernel's running float64 sum
     target = (u * cum_mass[:, -1]).unsqueeze(-1)  # [R, 1]
     # First block whose cumulative mass exceeds the target.
     block = torch.searchsorted(cum_mass, target, right=True).squeeze(-1)  # [R]
     overflow = block >= num_blocks
-    block = block.clamp(max=num_blocks - 1)
-    # Mass of the blocks before the chosen one: the running float64 sum the kernel keeps.
+    # Overflow (rounding only): the last positive block, where no threshold is hit below.
+    last_block = last_positive_index(block_mass)
+    block = torch.where(overflow, last_block, block)
     previous = cum_mass.gather(1, (block - 1).clamp(min=0).unsqueeze(-1))
     mass_before = torch.where(block.unsqueeze(-1) > 0, previous, torch.zeros_like(previous))
-    local = blocks.gather(1, block.view(rows, 1, 1).expand(rows, 1, BLOCK_V)).squeeze(1)  # [R, BV]
-    local_cdf = torch.cumsum(local, dim=-1)
+    columns = block.unsqueeze(-1) * block_size + torch.arange(block_size, device=weights.device)
+    local = weights.gather(1, columns.clamp(max=vocab - 1))
+    local = torch.where(columns < vocab, local, torch.zeros_like(local))  # [R, block]
+    local_cdf = torch.cumsum(local, dim=-1)  # [R, block]
     threshold = (target - mass_before).float()  # [R, 1]
-    hit = local_cdf > threshold
-    offset = torch.where(
-        hit.any(dim=-1), hit.int().argmax(dim=-1), last_positive_index(local)
-    )
-    token = block * BLOCK_V + offset
-    return torch.where(overflow, last_positive_index(weights), token)
+    hit = (local_cdf > threshold) & ~overflow.unsqueeze(-1)
+    offset = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), last_positive_index(local))
+    return block * block_size + offset

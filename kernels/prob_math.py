@@ -38,3 +38,12 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 def expected_accepted_length(alphas: torch.Tensor) -> torch.Tensor:
     """E[tokens per verify step] = 1 + sum_j prod_{i<=j} alpha_i, for alphas ``[..., g]`` -> ``[...]``."""
     return 1 + torch.cumprod(alphas, dim=-1).sum(dim=-1)
+
+
+def residual_weights(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """max(p - q, 0) unnormalised: ``residual_distribution`` without the division.
+
+    For samplers that are scale invariant (inverse CDF, exponential race), which skip the
+    normalising pass. Shapes ``[..., V]`` -> ``[..., V]``.
+    """
+    return (target_probs - draft_probs).clamp_min_(0)

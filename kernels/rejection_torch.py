@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from bebop_vllm.kernels.inverse_cdf import sample_inverse_cdf
 from bebop_vllm.kernels.layout import RaggedLayout
-from bebop_vllm.kernels.prob_math import residual_distribution
+from bebop_vllm.kernels.prob_math import residual_weights
 from bebop_vllm.kernels.random_numbers import RejectionUniforms
 
 PLACEHOLDER_TOKEN_ID = -1
@@ -42,28 +42,29 @@ def count_accepted(accepted: torch.Tensor, layout: RaggedLayout) -> torch.Tensor
     )
 
 
-def emitted_distribution(
+def emitted_weights(
     p_final: torch.Tensor,
     rejected: torch.Tensor,
     rejected_draft_index: torch.Tensor,
     draft_token_ids: torch.Tensor,
     draft_probs: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Weights of the token each request emits after its accepted drafts: ``[B, V]``.
+    """Unnormalised weights of the token each request emits after its accepted drafts.
 
-    Rejected requests: normalize(max(p - q, 0)) at the rejected position (one-hot q puts all
-    its mass on the rejected draft token). Others: the bonus row p itself.
-    ``p_final [B, V]`` is the target row at that position; ``rejected_draft_index [B]`` the
-    draft position that was rejected (any valid index where nothing was rejected).
+    Rejected requests: max(p - q, 0) at the rejected position (one-hot q puts all its mass
+    on the rejected draft token, so that token's weight becomes 0). Others: the bonus row p.
+    ``p_final [B, V]`` (a copy this function may overwrite) is the target row at that
+    position; ``rejected_draft_index [B]`` the rejected draft position (any valid index
+    where nothing was rejected). Returns ``[B, V]``; the inverse-CDF sampler is scale
+    invariant, so the normalisation of ``residual_distribution`` is skipped.
     """
     if draft_probs is None:
-        q_final = torch.zeros_like(p_final)
-        q_final.scatter_(
-            1, draft_token_ids.long()[rejected_draft_index].unsqueeze(-1), 1.0
-        )
-    else:
-        q_final = draft_probs[rejected_draft_index].float()
-    return torch.where(rejected.unsqueeze(-1), residual_distribution(p_final, q_final), p_final)
+        rejected_token = draft_token_ids.long()[rejected_draft_index].unsqueeze(-1)
+        kept = p_final.gather(1, rejected_token) * (~rejected).unsqueeze(-1)
+        return p_final.scatter_(1, rejected_token, kept)
+    q_final = draft_probs[rejected_draft_index].float()
+    q_final.mul_(rejected.unsqueeze(-1))  # no draft mass to remove from bonus rows
+    return residual_weights(p_final, q_final)
 
 
 def assemble_output(
@@ -126,9 +127,14 @@ def rejection_sample_torch(
     )
     p_final = target_probs[final_row].float()
     if layout.total_draft_tokens:
-        weights = emitted_distribution(
+        weights = emitted_weights(
             p_final, rejected, rejected_draft_index, draft_token_ids, draft_probs
         )
+        # p == q up to rounding: the rejection had probability 0; emit from p, as
+        # prob_math.residual_distribution (and the Triton kernel) do.
+        empty = weights.sum(dim=-1) == 0
+        if bool(empty.any()):
+            weights[empty] = target_probs[final_row[empty]].float()
     else:
         weights = p_final
     final_token = sample_inverse_cdf(weights, uniforms.final)
