@@ -68,9 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-temperatures", default=None, help="timed temperatures (full: 1.0)")
     p.add_argument(
         "--engine-configs", default=None,
-        help="comma-separated LOSS:MODE pairs run in vLLM, MODE probabilistic|greedy "
-        "(full: primary with both modes, every other head probabilistic)",
+        help="comma-separated LOSS:MODE[:K] run in vLLM, MODE probabilistic|greedy, K draft tokens (default g) "
+        "(full: primary with both modes, primary probabilistic with K=1 and 2, every other head probabilistic)",
     )
+    p.add_argument("--engines-at-once", type=int, default=4,
+                   help="engines alive at a time (memory: ~2 GB each); every group includes no speculation")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the analytic part (default: all)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing engine run instead of "
                    "recording the failure and going on")
@@ -111,14 +113,18 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
     if args.engine_configs:
         configs = []
         for item in args.engine_configs.split(","):
-            loss, _, mode = item.partition(":")
-            if loss not in heads or mode not in MODES:
-                raise BebopError(f"--engine-configs item {item!r}: heads {sorted(heads)}, modes {list(MODES)}")
-            configs.append((loss, mode))
+            loss, mode, *k = item.split(":")
+            if loss not in heads or mode not in MODES or len(k) > 1 or (k and not k[0].isdigit()):
+                raise BebopError(f"--engine-configs item {item!r}: LOSS:MODE[:K] with LOSS in {sorted(heads)}, "
+                                 f"MODE in {list(MODES)}")
+            configs.append((loss, mode, int(k[0]) if k else depth))
     else:
-        configs = [(primary, "probabilistic"), (primary, "greedy")]
+        configs = [(primary, "probabilistic", depth), (primary, "greedy", depth)]
         if not q:
-            configs += [(h, "probabilistic") for h in heads if h != primary]
+            configs += [(h, "probabilistic", depth) for h in heads if h != primary]
+            configs += [(primary, "probabilistic", k) for k in range(1, depth)]
+    if args.engines_at_once < 2:
+        raise BebopError("--engines-at-once must be at least 2 (no speculation + one speculative engine)")
     for t in [*temps, *compare, *engine_temps]:
         if t <= 0:
             raise BebopError(f"temperatures must be > 0 (sampled decoding), got {t}")
@@ -141,6 +147,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         engine_max_new_tokens=args.engine_max_new_tokens or (16 if q else 128),
         engine_temperatures=engine_temps,
         engine_configs=configs,
+        engines_at_once=args.engines_at_once,
         quick=q,
     )
 
@@ -168,55 +175,91 @@ def _max_model_len(cfg: StudyConfig) -> int:
     return min(2048, cfg.max_prompt_tokens + new + 2 * cfg.num_depths + 8)
 
 
-def stage_baseline(cfg: StudyConfig, prompts: list[dict[str, Any]], work: Path) -> dict[str, Any]:
-    """No speculation: sample the held-out continuations (all temperatures, batched) and time
-    batch-1 generation of the engine prompts (the speedup denominator)."""
-    from study.engine import run_engine_job
+def engine_name(loss: str, mode: str, k: int, depth: int) -> str:
+    return f"bebop-{loss}-{mode}" + (f"-k{k}" if k != depth else "")
+
+
+def engine_specs(cfg: StudyConfig, with_spec: bool) -> dict[str, dict[str, Any]]:
+    """Engine name -> its settings: ``none`` (no speculation) and one per (head, draft mode)."""
+    from study.engine import speculative_config
+
+    base = {"model": cfg.model_dir, "max_model_len": _max_model_len(cfg), "seed": cfg.seed}
+    specs = {"none": dict(base, speculative_config=None)}
+    if with_spec:
+        for loss, mode, k in cfg.engine_configs:
+            specs[engine_name(loss, mode, k, cfg.num_depths)] = dict(
+                base, speculative_config=speculative_config(cfg.heads[loss], mode, k), loss=loss, mode=mode, k=k
+            )
+    return specs
+
+
+def stage_sample(cfg: StudyConfig, prompts: list[dict[str, Any]], pool: Any) -> list[dict[str, Any]]:
+    """The no-speculation engine samples one continuation per (held-out prompt, temperature)."""
+    if "none" not in pool.names():
+        raise RuntimeError(f"the no-speculation engine did not start: {pool.errors.get('none')}")
+    ids, params, index = [], [], []
+    for t in cfg.temperatures:
+        for i, p in enumerate(prompts):
+            ids.append(p["ids"])
+            # no per-request seeds: they crash vLLM 0.32 on CPU ("CPU Generator does not use offset");
+            # the engine seed (LLM(seed=...)) makes a rerun of the same batch reproducible instead
+            params.append({"temperature": t, "max_tokens": cfg.max_new_tokens})
+            index.append((t, i))
+    t0 = time.time()
+    outs = pool.sample("none", ids, params)
+    print(f"[samples] {len(outs)} continuations in {time.time() - t0:.0f} s", file=sys.stderr)
+    return [{"temperature": t, "prompt_index": i, "tokens": toks, "finish_reason": fin}
+            for (t, i), (toks, fin) in zip(index, outs, strict=True)]
+
+
+def stage_timed(cfg: StudyConfig, prompts: list[dict[str, Any]], specs: dict[str, Any], log_dir: Path,
+                pool: Any = None) -> dict[str, Any]:
+    """Batch-1 timing in groups of ``engines_at_once`` engines alive together, each group with its
+    own no-speculation engine: every request runs on every engine of the group back to back, in
+    rotating order; a speculative engine's speedup is measured against its group's baseline."""
+    from study.engine import EnginePool
+    from tqdm import tqdm
 
     eprompts = engine_prompts(cfg, prompts)
-    job = {
-        "name": "baseline",
-        "model": cfg.model_dir,
-        "speculative_config": None,
-        "max_model_len": _max_model_len(cfg),
-        "seed": cfg.seed,
-        "sample": {
-            "prompts": [p["ids"] for p in prompts],
-            "temperatures": cfg.temperatures,
-            "max_tokens": cfg.max_new_tokens,
-            "seeds": [cfg.seed * 1_000_003 + i for i in range(len(prompts))],
-        },
-    }
-    if cfg.engine:
-        job["timed"] = {
-            "prompts": [p["ids"] for p in eprompts],
-            "temperatures": cfg.engine_temperatures,
-            "max_tokens": cfg.engine_max_new_tokens,
-            "seeds": [cfg.seed * 7919 + i for i in range(len(eprompts))],
-            "warmup": 1,
-        }
-    return run_engine_job(job, work)
-
-
-def stage_engine(cfg: StudyConfig, prompts: list[dict[str, Any]], loss: str, mode: str, work: Path) -> dict[str, Any]:
-    from study.engine import run_engine_job, speculative_config
-
-    eprompts = engine_prompts(cfg, prompts)
-    job = {
-        "name": f"bebop-{loss}-{mode}",
-        "model": cfg.model_dir,
-        "speculative_config": speculative_config(cfg.heads[loss], mode, cfg.num_depths),
-        "max_model_len": _max_model_len(cfg),
-        "seed": cfg.seed,
-        "timed": {
-            "prompts": [p["ids"] for p in eprompts],
-            "temperatures": cfg.engine_temperatures,
-            "max_tokens": cfg.engine_max_new_tokens,
-            "seeds": [cfg.seed * 7919 + i for i in range(len(eprompts))],
-            "warmup": 1,
-        },
-    }
-    return run_engine_job(job, work)
+    spec_names = [n for n in specs if n != "none"]
+    size = cfg.engines_at_once - 1
+    groups = [spec_names[i : i + size] for i in range(0, len(spec_names), size)] or [[]]
+    requests = [(t, i) for t in cfg.engine_temperatures for i in range(len(eprompts))]
+    engines: dict[str, Any] = {}
+    bar = tqdm(total=len(requests) * sum(len(g) + 1 for g in groups), desc="timed requests x engines", unit="req",
+               dynamic_ncols=True)
+    for gi, group in enumerate(groups):
+        # the pool that sampled (no speculation + the first group) is reused for group 0
+        own = pool is None or gi > 0
+        gpool = EnginePool({n: specs[n] for n in ["none", *group]}, log_dir) if own else pool
+        try:
+            names = gpool.names()
+            rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            if "none" in names:
+                for n, (t, i) in enumerate(requests):
+                    params = {"temperature": t, "max_tokens": cfg.engine_max_new_tokens, "ignore_eos": True}
+                    for name in names[n % len(names):] + names[: n % len(names)]:
+                        r = gpool.timed(name, eprompts[i]["ids"], params)
+                        r.update({"temperature": t, "prompt_index": i})
+                        rows[name].append(r)
+                        bar.update(1)
+            for name in group:
+                spec = specs[name]
+                e: dict[str, Any] = {"loss": spec["loss"], "mode": spec["mode"], "k": spec["k"], "group": gi}
+                if name in rows and rows.get("none"):
+                    e.update({"timed": rows[name], "baseline_timed": rows["none"],
+                              "startup_seconds": gpool.startup_seconds.get(name)})
+                else:
+                    err = gpool.errors.get(name) or f"no-speculation engine failed: {gpool.errors.get('none')}"
+                    e["error"] = err[-3000:]
+                engines[name] = e
+            if gi == 0:
+                engines["none"] = {"timed": rows.get("none", []), "group": 0, "loss": None, "mode": None, "k": 0}
+        finally:
+            if own:
+                gpool.close()
+    bar.close()
+    return engines
 
 
 class Analyzer:
@@ -241,7 +284,7 @@ class Analyzer:
         return sequence_stats(self.target, {h: self.heads[h] for h in heads}, seq, self.cfg.num_depths)
 
 
-def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], baseline: dict[str, Any],
+def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: list[dict[str, Any]],
                    analyzer_fn: Any, partial: Path) -> list[dict[str, Any]]:
     """Teacher-forced statistics per request; resumable per sequence through ``partial`` (jsonl)."""
     from tqdm import tqdm
@@ -253,7 +296,6 @@ def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], baseline: di
                 row = json.loads(line)
                 done[row["key"]] = row["records"]
     records: list[dict[str, Any]] = []
-    samples = baseline["sample"]
     todo = [s for s in samples if f"{s['prompt_index']}@{s['temperature']:g}" not in done]
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc="analytic (teacher-forced)",
                unit="seq", dynamic_ncols=True)
@@ -288,7 +330,7 @@ def stage_crosscheck(cfg: StudyConfig, prompts: list[dict[str, Any]], engines: d
 
     eprompts = engine_prompts(cfg, prompts)
     out: dict[str, Any] = {}
-    items = [(name, r) for name, r in engines.items() if "error" not in r and name != "baseline"]
+    items = [(name, r) for name, r in engines.items() if "error" not in r and name != "none"]
     total = sum(len(r["timed"]) for _, r in items)
     with tqdm(total=total, desc="cross-check (teacher-forced on engine tokens)", unit="req", dynamic_ncols=True) as bar:
         for name, r in items:
@@ -300,7 +342,9 @@ def stage_crosscheck(cfg: StudyConfig, prompts: list[dict[str, Any]], engines: d
                 spec = row.get("spec") or {}
                 rows.append({
                     "domain": p["domain"], "prompt_id": p["prompt_id"], "temperature": row["temperature"],
-                    "analytic_tau": st[mode]["tau"] if st else None,
+                    "k": r["k"],
+                    "analytic_tau": st[mode]["tau_by_k"][r["k"] - 1] if st else None,
+                    "analytic_tau_by_k": st[mode]["tau_by_k"] if st else None,
                     "analytic_acceptance": st[mode]["acceptance"] if st else None,
                     "entropy_teacher_forced": st["entropy"] if st else None,
                     "measured_tau": spec.get("mean_acceptance_length"),
@@ -348,7 +392,6 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out)
-    work = cache.dir / "engines"
     print(f"heads: {cfg.heads} (primary {cfg.primary}); missing losses: "
           f"{[x for x in LOSS_ORDER if x not in cfg.heads]}")
 
@@ -356,7 +399,29 @@ def main(argv: list[str] | None = None) -> int:
                        "temperatures", "seed", "engine", "engine_prompts_per_domain", "engine_max_new_tokens",
                        "engine_temperatures", "num_depths")
     prompts = cache.run("prompts", data_key, lambda: select_study_prompts(cfg))
-    baseline = cache.run("baseline", data_key, lambda: stage_baseline(cfg, prompts, work))
+    specs = engine_specs(cfg, cfg.engine)
+    timed_key = cfg.key()
+    samples = cache.get("samples", data_key)
+    engines = cache.get("timed", timed_key) if cfg.engine else {}
+    if samples is None or engines is None:
+        from study.engine import EnginePool
+
+        log_dir = cache.dir / "engine-logs"
+        first = [n for n in specs if n != "none"][: cfg.engines_at_once - 1] if engines is None else []
+        pool = EnginePool({n: specs[n] for n in ["none", *first]}, log_dir)
+        try:
+            if samples is None:
+                samples = cache.run("samples", data_key, lambda: stage_sample(cfg, prompts, pool))
+            if engines is None:
+                if args.fail_fast and pool.errors:
+                    raise RuntimeError(f"engines failed to start: {pool.errors}")
+                engines = cache.run("timed", timed_key, lambda: stage_timed(cfg, prompts, specs, log_dir, pool))
+                if any("error" in e for e in engines.values()):
+                    cache.path("timed").unlink()  # a rerun retries the engines that failed
+        finally:
+            pool.close()
+    else:
+        print("[samples] cached\n[timed] cached")
 
     analyzer: list[Analyzer] = []
 
@@ -368,32 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     analytic_key = cfg.key()
     records = cache.run(
         "analytic", analytic_key,
-        lambda: stage_analytic(cfg, prompts, baseline, get_analyzer, cache.dir / f"analytic-{analytic_key}.jsonl"),
+        lambda: stage_analytic(cfg, prompts, samples, get_analyzer, cache.dir / f"analytic-{analytic_key}.jsonl"),
     )
-
-    engines: dict[str, Any] = {"baseline": baseline}
+    crosscheck: dict[str, Any] = {}
     if cfg.engine:
-        from study.engine import EngineRunError
+        crosscheck = cache.run(
+            "crosscheck", analytic_key, lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer)
+        )
 
-        for loss, mode in cfg.engine_configs:
-            name = f"bebop-{loss}-{mode}"
-            key = cfg.key() + f"-{name}"
-            try:
-                r = cache.run(name, key, lambda loss=loss, mode=mode: stage_engine(cfg, prompts, loss, mode, work))
-            except EngineRunError as e:
-                if args.fail_fast:
-                    raise
-                print(f"[{name}] FAILED: {str(e).splitlines()[0]}", file=sys.stderr)
-                r = {"error": str(e)[-2000:]}
-            r.update({"loss": loss, "mode": mode})
-            engines[name] = r
-        ok_engines = sorted(n for n, r in engines.items() if "error" not in r)
-        crosscheck = cache.run("crosscheck", analytic_key + "-" + "-".join(ok_engines),
-                               lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer))
-    else:
-        crosscheck = {}
-
-    stage_seconds = {n: cache.seconds(n) for n in ["prompts", "baseline", "analytic", "crosscheck"]}
+    stage_seconds = {n: cache.seconds(n) for n in ["prompts", "samples", "timed", "analytic", "crosscheck"]}
     command = "python benchmarks/acceptance_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
     summary = summarize(
         cfg, prompts, records, engines, crosscheck,

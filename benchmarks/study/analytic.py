@@ -56,6 +56,9 @@ def _mode_stats(alpha: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     a = torch.where(mask, alpha, 0.0).double()
     full = mask.all(1)
     tau = expected_accepted_length(alpha[full].double())
+    # E[tau] had only the first k drafts been verified (k = 1..g): for draft-length choices
+    tau_by_k = [float(expected_accepted_length(alpha[full, :k].double()).mean()) if full.any() else float("nan")
+                for k in range(1, g + 1)]
     alpha_sum, alpha_cnt = a.sum(0), mask.sum(0).double()
     tau_mean = float(tau.mean()) if len(tau) else float("nan")
     return {
@@ -66,6 +69,7 @@ def _mode_stats(alpha: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         "alpha": (alpha_sum / alpha_cnt.clamp_min(1)).tolist(),
         "tau": tau_mean,
         "acceptance": (tau_mean - 1) / g,
+        "tau_by_k": tau_by_k,
     }
 
 

@@ -40,7 +40,8 @@ class StudyConfig:
     engine_prompts_per_domain: int
     engine_max_new_tokens: int
     engine_temperatures: list[float]
-    engine_configs: list[tuple[str, str]]  # (head loss, draft mode) pairs run in vLLM
+    engine_configs: list[tuple[str, str, int]]  # (head loss, draft mode, draft tokens k) run in vLLM
+    engines_at_once: int = 4
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

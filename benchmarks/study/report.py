@@ -93,14 +93,19 @@ def write_markdown(s: dict[str, Any], path: Path) -> None:
         rows = []
         for r in s["throughput"]:
             if r.get("error"):
-                rows.append([r["config"], "FAILED", "–", "–", "–", "–", "–"])
+                rows.append([r["config"], str(r.get("k")), "–", "FAILED", "–", "–", "–", "–", "–", "–"])
                 continue
-            rows.append([r["config"], r["tokens_per_s"], r["median_request_tokens_per_s"], r["speedup"],
-                         r.get("median_paired_speedup"), r.get("measured_tau"), r.get("measured_acceptance")])
-        lines += _table(["configuration", "tokens/s", "median req. tok/s", "speedup", "median paired speedup",
-                         "measured E[τ]", "measured acc. rate"], rows)
+            rows.append([r["config"], str(r.get("k")), str(r.get("group")), r["tokens_per_s"],
+                         r.get("group_baseline_tokens_per_s"), r["speedup"], r.get("median_paired_speedup"),
+                         r.get("measured_tau"), r.get("measured_acceptance"), r.get("engine_mean_target_entropy")])
+        lines += _table(["configuration", "k", "group", "tokens/s", "no-spec tok/s (group)", "speedup",
+                         "median paired speedup", "measured E[τ]", "measured acc. rate", "engine entropy"], rows)
         lines += ["", f"Timed requests per configuration: {cfg['engine_prompts_per_domain']} per domain × "
-                  f"T ∈ {cfg['engine_temperatures']}, ≤ {cfg['engine_max_new_tokens']} new tokens, one at a time.",
+                  f"T ∈ {cfg['engine_temperatures']}, {cfg['engine_max_new_tokens']} new tokens (ignore_eos), "
+                  "one at a time; "
+                  f"engines alive {cfg['engines_at_once']} at a time, each group with its own no-speculation engine "
+                  "(speedup = tokens/s ÷ that group's no-speculation tokens/s; requests rotate over the group's "
+                  "engines so load drifts hit all alike).",
                   "", "![claim 4](claim4_throughput.png)", ""]
         if s["crosscheck"]:
             lines += ["Cross-check, analytic vs engine on the same generated tokens:", ""]
@@ -122,4 +127,20 @@ def write_markdown(s: dict[str, Any], path: Path) -> None:
     lines += _table(["mode", "a", "b", "MAE (pooled fit)", "MAE (per-domain fit)", "MAE (constant)",
                      "mean actual E[τ]"], rows)
     lines += ["", "![predictor](predictor.png)", ""]
+    dl = s.get("draft_length_policy") or {}
+    lines += ["## Beyond the paper — entropy-aware draft length (estimate, not an engine option yet)", ""]
+    if dl.get("available"):
+        lines += [
+            "Relative cost of a verify step with k drafts (measured: fixed-k engines, seconds per step ÷ the "
+            f"group's no-speculation seconds per token): {dl['relative_step_cost']}. Estimated speedup = analytic "
+            "E[τ_k] of each engine request ÷ that cost, averaged over requests:",
+            "",
+        ]
+        rows = [[f"fixed k={k}", v] for k, v in dl["estimated_speedup_fixed_k"].items()]
+        rows += [["entropy policy (k per request from its entropy)", dl["estimated_speedup_entropy_policy"]],
+                 ["oracle k per request", dl["estimated_speedup_oracle_per_request"]]]
+        lines += _table(["draft length", "estimated speedup"], rows)
+        lines += ["", f"k chosen by the policy: {dl['chosen_k_counts']} ({dl['n_requests']} requests).", ""]
+    else:
+        lines += [f"Not available: {dl.get('why', 'engine part not run')}.", ""]
     path.write_text("\n".join(lines) + "\n")

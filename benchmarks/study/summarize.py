@@ -114,41 +114,46 @@ def claim3(comparison: dict[str, Any], available: list[str], ours: str = "e2e-tv
             "missing": missing}
 
 
+def _agg(timed: list[dict[str, Any]]) -> tuple[float, float, dict[tuple[int, float], float]]:
+    """(total tokens / total seconds, median per-request tokens/s, per-request tokens/s)."""
+    toks = sum(len(r["tokens"]) for r in timed)
+    secs = sum(r["seconds"] for r in timed)
+    per = {(r["prompt_index"], r["temperature"]): len(r["tokens"]) / r["seconds"] for r in timed}
+    return toks / secs, float(np.median(list(per.values()))), per
+
+
 def throughput_rows(engines: dict[str, Any]) -> list[dict[str, Any]]:
-    base = engines.get("baseline", {})
+    """One row per engine; speedups are against the no-speculation engine of the same group."""
+    base = engines.get("none", {})
     if not base.get("timed"):
         return []
-
-    def agg(timed: list[dict[str, Any]]) -> tuple[float, float, dict[tuple[int, float], float]]:
-        toks = sum(len(r["tokens"]) for r in timed)
-        secs = sum(r["seconds"] for r in timed)
-        per = {(r["prompt_index"], r["temperature"]): len(r["tokens"]) / r["seconds"] for r in timed}
-        return toks / secs, float(np.median(list(per.values()))), per
-
-    b_tps, b_med, b_per = agg(base["timed"])
-    rows = [{"config": "no speculation", "mode": None, "loss": None, "tokens_per_s": b_tps,
+    b_tps, b_med, _ = _agg(base["timed"])
+    rows = [{"config": "no speculation", "mode": None, "loss": None, "k": 0, "tokens_per_s": b_tps,
              "median_request_tokens_per_s": b_med, "speedup": 1.0, "median_paired_speedup": 1.0,
-             "measured_tau": None, "measured_acceptance": None, "requests": len(base["timed"])}]
+             "measured_tau": None, "measured_acceptance": None, "requests": len(base["timed"]), "group": 0}]
     for name, r in engines.items():
-        if name == "baseline":
+        if name == "none":
             continue
         if "error" in r:
-            rows.append({"config": name, "mode": r.get("mode"), "loss": r.get("loss"), "error": r["error"][-600:],
-                         "speedup": None})
+            rows.append({"config": name, "mode": r.get("mode"), "loss": r.get("loss"), "k": r.get("k"),
+                         "error": r["error"][-600:], "speedup": None})
             continue
-        tps, med, per = agg(r["timed"])
-        paired = [per[k] / b_per[k] for k in per if k in b_per]
+        tps, med, per = _agg(r["timed"])
+        g_tps, _, g_per = _agg(r["baseline_timed"])
+        paired = [per[k] / g_per[k] for k in per if k in g_per]
         specs = [x["spec"] for x in r["timed"] if x.get("spec")]
         steps = sum(s.get("num_spec_steps", 0) for s in specs)
         acc = sum(s.get("num_accepted_draft_tokens", 0) for s in specs)
         drafted = sum(s.get("num_draft_tokens", 0) for s in specs)
+        ents = [s["mean_target_entropy"] for s in specs if isinstance(s.get("mean_target_entropy"), (int, float))]
         rows.append({
-            "config": name, "mode": r["mode"], "loss": r["loss"], "tokens_per_s": tps,
-            "median_request_tokens_per_s": med, "speedup": tps / b_tps,
+            "config": name, "mode": r["mode"], "loss": r["loss"], "k": r.get("k"), "tokens_per_s": tps,
+            "median_request_tokens_per_s": med, "group_baseline_tokens_per_s": g_tps, "speedup": tps / g_tps,
             "median_paired_speedup": float(np.median(paired)) if paired else None,
             "measured_tau": 1 + acc / steps if steps else None,
             "measured_acceptance": acc / drafted if drafted else None,
-            "requests": len(r["timed"]), "startup_seconds": r.get("startup_seconds"),
+            "engine_mean_target_entropy": float(np.mean(ents)) if ents else None,
+            "requests": len(r["timed"]), "startup_seconds": r.get("startup_seconds"), "group": r.get("group"),
         })
     return rows
 
@@ -177,6 +182,50 @@ def claim4(rows: list[dict[str, Any]]) -> dict[str, Any]:
         + (f" Failed runs: {failed}." if failed else "")
     )
     return {"verdict": verdict, "why": why, "spearman": rho}
+
+
+def draft_length_policy(cfg: StudyConfig, engines: dict[str, Any], crosscheck: dict[str, Any],
+                        records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Entropy-aware draft length, estimated (not an engine option yet): measured cost of a verify
+    step with k drafts (fixed-k engines of the primary head, relative to the same group's
+    no-speculation per-token time) and analytic E[tau_k] of the engine's own requests; the policy
+    picks k per request from its entropy with per-k linear fits made on the held-out samples."""
+    g = cfg.num_depths
+    cost: dict[int, float] = {}
+    for e in engines.values():
+        if e.get("loss") != cfg.primary or e.get("mode") != "probabilistic" or "timed" not in e:
+            continue
+        steps = sum((x.get("spec") or {}).get("num_spec_steps", 0) for x in e["timed"])
+        secs = sum(x["seconds"] for x in e["timed"])
+        b_tok = sum(len(x["tokens"]) for x in e["baseline_timed"])
+        b_secs = sum(x["seconds"] for x in e["baseline_timed"])
+        if steps and b_tok:
+            cost[int(e["k"])] = (secs / steps) / (b_secs / b_tok)
+    full = f"bebop-{cfg.primary}-probabilistic"
+    rows = [r for r in crosscheck.get(full, []) if r.get("analytic_tau_by_k")]
+    if sorted(cost) != list(range(1, g + 1)) or not rows:
+        return {"available": False, "why": f"needs fixed-k engines k=1..{g} of {cfg.primary} (have {sorted(cost)})"}
+    rs = fits.select(records, head=cfg.primary)
+    xs = [r["stats"]["entropy"] for r in rs]
+    kfits = [fits.linfit(xs, [r["stats"]["probabilistic"]["tau_by_k"][k - 1] for r in rs]) for k in range(1, g + 1)]
+    fixed = {k: float(np.mean([r["analytic_tau_by_k"][k - 1] / cost[k] for r in rows])) for k in cost}
+    chosen, policy, oracle = [], [], []
+    for r in rows:
+        h = r["entropy_teacher_forced"]
+        pred = {k: (kfits[k - 1]["intercept"] + kfits[k - 1]["slope"] * h) / cost[k] for k in cost}
+        k_r = max(pred, key=pred.get)
+        chosen.append(k_r)
+        policy.append(r["analytic_tau_by_k"][k_r - 1] / cost[k_r])
+        oracle.append(max(r["analytic_tau_by_k"][k - 1] / cost[k] for k in cost))
+    return {
+        "available": True,
+        "relative_step_cost": {str(k): v for k, v in sorted(cost.items())},
+        "estimated_speedup_fixed_k": {str(k): v for k, v in sorted(fixed.items())},
+        "estimated_speedup_entropy_policy": float(np.mean(policy)),
+        "estimated_speedup_oracle_per_request": float(np.mean(oracle)),
+        "chosen_k_counts": {str(k): chosen.count(k) for k in sorted(cost)},
+        "n_requests": len(rows),
+    }
 
 
 def crosscheck_summary(crosscheck: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +269,7 @@ def summarize(
     pred = fits.predictor(records, cfg.primary, cfg.domains)
     curves = fits.binned_curves(records, cfg.primary)
     tput = throughput_rows(engines) if cfg.engine else []
+    policy = draft_length_policy(cfg, engines, crosscheck, records) if cfg.engine else {"available": False}
     claims = {
         "1_entropy_bounds_acceptance": claim1(efits),
         "2_rejection_beats_greedy": claim2(sweep),
@@ -254,6 +304,7 @@ def summarize(
         "throughput": tput,
         "engines": engine_info,
         "crosscheck": crosscheck_summary(crosscheck),
+        "draft_length_policy": policy,
         "figures": figures,
         "requests": [{k: v for k, v in r.items() if k != "stats"}
                      | {"entropy": r["stats"]["entropy"], "pmax": r["stats"]["pmax"]}

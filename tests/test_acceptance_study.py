@@ -1,0 +1,173 @@
+"""The acceptance study (issue 6): its statistics, its teacher-forced acceptance against the
+heads' slow reference drafting, its verdict rules, and the ``--quick`` pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from study import fits  # noqa: E402
+from study.analytic import SequenceInput, head_stats, sequence_stats  # noqa: E402
+from study.summarize import claim1, claim2, claim3  # noqa: E402
+
+VERDICTS = {"confirmed", "partly", "not on our model", "not tested"}
+
+
+def test_linfit_recovers_a_known_line_and_reports_no_fit_for_noise() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 3, 200)
+    f = fits.linfit(x, 0.8 - 0.1 * x + rng.normal(0, 0.01, 200))
+    assert abs(f["slope"] + 0.1) < 0.005 and abs(f["intercept"] - 0.8) < 0.01
+    assert f["r2"] > 0.95 and f["p_value"] < 1e-10
+    noise = fits.linfit(x, rng.normal(0, 1, 200))
+    assert noise["r2"] < 0.05
+    assert math.isnan(fits.linfit([1, 1, 1], [1, 2, 3])["slope"]), "a constant x has no slope"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from bebop_vllm.heads import init_random_heads, load_heads
+    from bebop_vllm.heads.target import load_target_model
+    from bebop_vllm.heads.tiny import make_tiny_target
+
+    d = tmp_path_factory.mktemp("tiny")
+    target_dir = make_tiny_target(d / "target")
+    init_random_heads(target_dir, d / "head", num_depths=3, seed=1)
+    return load_target_model(target_dir), load_heads(d / "head", target_dir)
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.3])
+def test_teacher_forced_acceptance_matches_sequential_reference_drafting(tiny, temperature: float) -> None:  # noqa: ANN001
+    """alpha per depth and E[tau] from the study equal an independent computation: the heads'
+    slow KV-cached reference drafting per chain (draft_chain_probs) against the target model's
+    own logits, for probabilistic (sum min(p, q)) and greedy (p(argmax q)) drafting."""
+    from bebop_vllm.heads.reference import draft_chain_probs
+    from bebop_vllm.heads.target import final_hidden_states
+
+    target, head = tiny
+    g = 3
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 128, (30,), generator=gen).tolist()
+    plen = 9
+    hidden = final_hidden_states(target, torch.tensor([tokens]))[0]
+    st = head_stats(head, SequenceInput(tokens, plen, temperature), hidden, g)
+    assert st is not None
+
+    ids = torch.tensor([tokens])
+    p_all = torch.softmax(target(ids).logits[0].float() / temperature, dim=-1)  # p(. | x_<=i) at row i
+    length = len(tokens)
+    sums = {m: np.zeros(g) for m in ("probabilistic", "greedy")}
+    counts = np.zeros(g)
+    taus: dict[str, list[float]] = {"probabilistic": [], "greedy": []}
+    for t in range(plen - 1, length - 1):
+        depths = min(g, length - 1 - t)
+        q = draft_chain_probs(head, hidden, tokens[: t + 2], tokens[t + 2 : t + 1 + depths], temperature)[:depths]
+        p = p_all[t + 1 : t + 1 + depths]
+        a = {"probabilistic": torch.minimum(p, q).sum(-1), "greedy": p.gather(-1, q.argmax(-1, keepdim=True))[:, 0]}
+        counts[:depths] += 1
+        for m in sums:
+            sums[m][:depths] += a[m].double().numpy()
+            if depths == g:
+                taus[m].append(1 + float(torch.cumprod(a[m].double(), 0).sum()))
+    for m in sums:
+        np.testing.assert_allclose(st[m]["alpha_count"], counts)
+        np.testing.assert_allclose(st[m]["alpha_sum"], sums[m], rtol=2e-4, atol=2e-5)
+        assert st[m]["tau_count"] == len(taus[m])
+        assert st[m]["tau"] == pytest.approx(float(np.mean(taus[m])), rel=2e-4)
+        assert st[m]["acceptance"] == pytest.approx((st[m]["tau"] - 1) / g)
+    h_ref = -(p_all[plen : length] * torch.log(p_all[plen : length].clamp_min(1e-30))).sum(-1).mean()
+    assert st["entropy"] == pytest.approx(float(h_ref), rel=1e-4)
+
+
+def test_greedy_acceptance_never_exceeds_the_max_probability(tiny) -> None:  # noqa: ANN001
+    target, head = tiny
+    tokens = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    st = sequence_stats(target, {"h": head}, SequenceInput(tokens, 5, 0.8), 3)["h"]
+    bins = st["bins"]
+    assert sum(bins["count"]) == st["num_chains"]
+    assert all(g <= pm + 1e-6 for g, pm in zip(bins["alpha_greedy"], bins["pmax"], strict=True))
+    assert st["greedy"]["alpha"][0] <= st["pmax"] + 1e-6
+
+
+def _fit(slope: float, r2: float, p: float, n: int = 50) -> dict:
+    return {"n": n, "slope": slope, "intercept": 0.5, "r2": r2, "slope_se": 0.01, "p_value": p}
+
+
+def test_verdict_rules() -> None:
+    strong = {"greedy": {"all": {"acceptance": _fit(-0.1, 0.8, 1e-9)}},
+              "probabilistic": {"all": {"acceptance": _fit(-0.02, 0.2, 1e-3)}}}
+    assert claim1(strong)["verdict"] == "confirmed" and claim1(strong)["probabilistic_flatter"]
+    weak = {"greedy": {"all": {"acceptance": _fit(-0.1, 0.2, 1e-5)}},
+            "probabilistic": {"all": {"acceptance": _fit(-0.1, 0.2, 1e-5)}}}
+    assert claim1(weak)["verdict"] == "partly"
+    flat = {"greedy": {"all": {"acceptance": _fit(0.01, 0.01, 0.6)}},
+            "probabilistic": {"all": {"acceptance": _fit(0.0, 0.0, 0.9)}}}
+    assert claim1(flat)["verdict"] == "not on our model"
+
+    def row(t: float, gap: float) -> dict:
+        return {"temperature": t, "gap_acceptance": gap, "gap_acceptance_se": 0.005}
+
+    assert claim2([row(0.3, 0.02), row(0.7, 0.05), row(1.0, 0.08), row(1.3, 0.12)])["verdict"] == "confirmed"
+    assert claim2([row(0.3, 0.05), row(0.7, 0.05), row(1.0, 0.05), row(1.3, 0.05)])["verdict"] == "partly"
+    assert claim2([row(0.3, -0.05), row(0.7, -0.06), row(1.0, -0.05), row(1.3, -0.07)])["verdict"] == (
+        "not on our model"
+    )
+
+    def gains(lo: float, hi: float) -> dict:
+        return {"acceptance_probabilistic": {"gain": (lo + hi) / 2, "ci95": [lo, hi], "n": 20}}
+
+    comp = {"1": {"heads": {}, "gains": {"e2e-tv_vs_ce": gains(0.02, 0.1), "e2e-tv_vs_kl": gains(0.01, 0.05)}}}
+    assert claim3(comp, ["e2e-tv", "ce", "kl"])["verdict"] == "confirmed"
+    comp["1"]["gains"]["e2e-tv_vs_kl"] = gains(-0.05, 0.05)
+    assert claim3(comp, ["e2e-tv", "ce", "kl"])["verdict"] == "partly"
+    assert claim3(comp, ["e2e-tv"])["verdict"] == "not tested"
+
+
+@pytest.mark.slow
+def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    """The whole pipeline (vLLM sampling, analytic acceptance, bebop engines, fits, plots, report)
+    on a few prompts; a second run reuses every cached stage and writes the same results."""
+    from bebop_vllm.paths import default_model_dir
+
+    if not (default_model_dir() / "config.json").is_file():
+        pytest.skip("default model not fetched (./run setup)")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "acceptance_study.py"), "--quick", "--out", str(tmp_path)]
+    t0 = time.time()
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    wall = time.time() - t0
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    s = json.loads((tmp_path / "study.json").read_text())
+    for name, c in s["claims"].items():
+        assert c["verdict"] in VERDICTS, name
+    failed = [r["config"] for r in s["throughput"] if r.get("error")]
+    assert not failed, f"bebop engines failed: {failed}; " + json.dumps(s["throughput"])[:2000]
+    assert s["throughput"][0]["config"] == "no speculation" and len(s["throughput"]) >= 3
+    for r in s["throughput"][1:]:
+        assert r["measured_tau"] is not None and 1.0 <= r["measured_tau"] <= 1 + s["config"]["num_depths"]
+    assert len(s["requests"]) >= 3 * len(s["config"]["temperatures"])
+    for r in s["requests"]:
+        assert 0 <= r["probabilistic_acceptance"] <= 1 and 0 <= r["greedy_acceptance"] <= 1
+    for fig in s["figures"]:
+        assert (tmp_path / fig).stat().st_size > 5000, fig
+    md = (tmp_path / "study.md").read_text()
+    assert all(c["verdict"] in md for c in s["claims"].values())
+    print(f"--quick wall time: {wall:.0f} s")
+
+    t1 = time.time()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[analytic] cached" in second.stdout and "[timed] cached" in second.stdout
+    s2 = json.loads((tmp_path / "study.json").read_text())
+    assert s2["claims"] == s["claims"] and s2["temperature_sweep"] == s["temperature_sweep"]
+    assert time.time() - t1 < wall, "the resumed run must not redo the stages"
