@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engines-at-once", type=int, default=4,
                    help="engines alive at a time (memory: ~2 GB each); every group includes no speculation")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the analytic part (default: all)")
+    p.add_argument("--only-samples", action="store_true",
+                   help="stop after sampling the held-out continuations (head-independent; a later run reuses them)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing engine run instead of "
                    "recording the failure and going on")
     return p.parse_args(argv)
@@ -96,7 +98,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
             raise BebopError(f"--heads wants LOSS=DIR, got {item!r}")
         loss, d = item.split("=", 1)
         heads[loss] = str(Path(d).expanduser().resolve())
-    if not heads:
+    if not heads and not args.only_samples:
         # No trained heads anywhere: run the pipeline with random heads (labelled as such).
         from bebop_vllm.heads import init_random_heads
 
@@ -104,8 +106,8 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         if not (d / "bebop.json").is_file():
             init_random_heads(model_dir, d, num_depths=args.depth or 3)
         heads = {"random-init": str(d.resolve())}
-    primary = args.primary if args.primary in heads else next(iter(heads))
-    depth = args.depth or int(head_metadata(heads[primary]).get("num_depths", 3))
+    primary = args.primary if args.primary in heads or not heads else next(iter(heads))
+    depth = args.depth or int(head_metadata(heads[primary]).get("num_depths", 3) if heads else 3)
     q = args.quick
     temps = _floats(args.temperatures) if args.temperatures else ([0.5, 1.0] if q else [0.3, 0.5, 0.7, 1.0, 1.3])
     compare = _floats(args.compare_temperatures) if args.compare_temperatures else ([1.0] if q else [0.7, 1.0])
@@ -118,6 +120,8 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
                 raise BebopError(f"--engine-configs item {item!r}: LOSS:MODE[:K] with LOSS in {sorted(heads)}, "
                                  f"MODE in {list(MODES)}")
             configs.append((loss, mode, int(k[0]) if k else depth))
+    elif not heads:
+        configs = []
     else:
         configs = [(primary, "probabilistic", depth), (primary, "greedy", depth)]
         if not q:
@@ -407,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         from study.engine import EnginePool
 
         log_dir = cache.dir / "engine-logs"
+        if args.only_samples:
+            engines = {}
         first = [n for n in specs if n != "none"][: cfg.engines_at_once - 1] if engines is None else []
         pool = EnginePool({n: specs[n] for n in ["none", *first]}, log_dir)
         try:
@@ -423,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("[samples] cached\n[timed] cached")
 
+    if args.only_samples:
+        print(f"[samples] {len(samples)} continuations ready in {cache.path('samples')}")
+        return 0
     analyzer: list[Analyzer] = []
 
     def get_analyzer() -> Analyzer:
