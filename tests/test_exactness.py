@@ -1,0 +1,295 @@
+"""Exactness of the "bebop" method on CPU with the default model: speculation must not change outputs.
+
+Two engine configurations, each run once in its own subprocess (vLLM tolerates one engine per
+process best): ``plain`` (no speculation) and ``bebop`` (heads draft probabilistically, our
+verifier). Every request of the module goes through those two engine starts.
+
+- T = 0: token ids identical to non-speculative decoding (also with stop strings, logprobs,
+  max_tokens=1 and greedy requests mixed into a random batch).
+- T = 1 and T = 0.7 + top-p 0.9: the tokens emitted by the verifier (positions 2-3; position 1
+  is sampled before any draft exists) follow the same distribution as without speculation,
+  by a two-sample chi-square test. Its power is checked in the same run: the test must reject
+  T = 0.85 samples against T = 1 ones from the plain engine. With vLLM's CPU temperature bug
+  re-introduced (``BEBOP_DISABLE_PATCHES=cpu_expand_fix``) the bebop-vs-plain test fails.
+- Seeded requests are reproducible inside a mixed batch; n > 1 returns n completions.
+
+Heads: ``$BEBOP_TEST_HEADS`` if set, else the shipped heads if present, else random heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_MODEL_LEN = 512
+NUM_SPEC = 3
+DIST_SAMPLES = 500  # per distribution case and engine
+DIST_TOKENS = 3  # token 1 from the prefill sampler, tokens 2-3 from the verifier
+ALPHA = 1e-3  # false-alarm rate per chi-square test
+
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Question: What is 12 * 7? Answer:",
+    "Write a haiku about the sea.\n",
+]
+DIST_PROMPT = "Once upon a time, in a small village,"
+
+
+def _req(rid: str, prompt: str, **params) -> dict:
+    return {"id": rid, "prompt": prompt, "params": params}
+
+
+def _requests() -> list[dict]:
+    """Every request of the module, as plain dicts (the subprocess builds SamplingParams)."""
+    reqs = [_req(f"greedy{i}", p, temperature=0.0, max_tokens=32) for i, p in enumerate(GREEDY_PROMPTS)]
+    reqs += [
+        _req("stop", GREEDY_PROMPTS[1], temperature=0.0, max_tokens=48, stop=["return"]),
+        _req("logprobs", GREEDY_PROMPTS[0], temperature=0.0, max_tokens=12, logprobs=3),
+        _req("one", GREEDY_PROMPTS[2], temperature=0.0, max_tokens=1),
+        _req("one_random", GREEDY_PROMPTS[2], temperature=1.0, max_tokens=1),
+        _req("n4", GREEDY_PROMPTS[3], temperature=1.0, max_tokens=8, n=4),
+    ]
+    return reqs
+
+
+def _mixed_batch() -> list[dict]:
+    """One generate() call mixing greedy, random and seeded requests (seeded one twice)."""
+    return [
+        _req("mixed_greedy0", GREEDY_PROMPTS[0], temperature=0.0, max_tokens=24),
+        _req("mixed_seed_a", GREEDY_PROMPTS[3], temperature=1.0, max_tokens=16, seed=1234),
+        _req("mixed_random", GREEDY_PROMPTS[1], temperature=0.8, top_p=0.95, max_tokens=24),
+        _req("mixed_greedy1", GREEDY_PROMPTS[1], temperature=0.0, max_tokens=24),
+        _req("mixed_seed_b", GREEDY_PROMPTS[3], temperature=1.0, max_tokens=16, seed=1234),
+    ]
+
+
+def _dist_cases(engine: str) -> dict[str, dict]:
+    cases = {
+        "t1": {"temperature": 1.0},
+        "t07p": {"temperature": 0.7, "top_p": 0.9},
+    }
+    if engine == "plain":
+        cases["t085"] = {"temperature": 0.85}  # power check: must be told apart from t1
+    return cases
+
+
+def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
+    """Subprocess body: one engine, every request, results as JSON.
+
+    ``only`` (diagnostics): comma-separated distribution cases to run instead of everything,
+    e.g. ``t1`` to re-check the T=1 case with a patch disabled.
+    """
+    from vllm import LLM, SamplingParams
+
+    spec = None
+    if engine == "bebop":
+        spec = {"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC}
+    llm = LLM(
+        model=str(_model_dir()), max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
+        speculative_config=spec, max_num_seqs=256,
+    )
+    result: dict = {"runner": llm.collective_rpc(_runner_info)[0], "seconds": {}}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        result["seconds"][name] = round(time.perf_counter() - t0, 1)
+        print(f"[{engine}] {name}: {result['seconds'][name]} s", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+
+    lap("start")
+
+    def run(reqs: list[dict]) -> None:
+        outs = llm.generate([r["prompt"] for r in reqs], [SamplingParams(**r["params"]) for r in reqs], use_tqdm=False)
+        for r, o in zip(reqs, outs, strict=True):
+            result[r["id"]] = [
+                {
+                    "token_ids": list(c.token_ids),
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "logprobs": None if c.logprobs is None else [
+                        {str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs
+                    ],
+                }
+                for c in o.outputs
+            ]
+
+    cases = _dist_cases(engine)
+    if only:
+        cases = {k: v for k, v in cases.items() if k in only.split(",")}
+    else:
+        run(_requests())
+        lap("requests")
+        run(_mixed_batch())
+        lap("mixed")
+    for name, params in cases.items():
+        params = {**params, "max_tokens": DIST_TOKENS, "ignore_eos": True}
+        outs = llm.generate([DIST_PROMPT] * DIST_SAMPLES, SamplingParams(**params), use_tqdm=False)
+        result[f"dist_{name}"] = [list(o.outputs[0].token_ids) for o in outs]
+        lap(f"dist_{name}")
+    result["runner_after"] = llm.collective_rpc(_runner_info)[0]
+    Path(out_path).write_text(json.dumps(result))
+
+
+def _runner_info(worker) -> dict:
+    runner = worker.model_runner
+    rs = getattr(runner, "rejection_sampler", None)
+    ent = getattr(rs, "last_target_entropy", None)
+    drafter = getattr(runner, "drafter", None)
+    return {
+        "rejection_sampler": type(rs).__name__ if rs is not None else None,
+        "drafter": type(drafter).__name__ if drafter is not None else None,
+        "draft_model": type(getattr(drafter, "model", None)).__name__ if drafter is not None else None,
+        "bebop_drafts": bool(getattr(drafter, "_bebop_request_distribution_drafts", False)),
+        "entropy_shape": None if ent is None else list(ent.shape),
+        "entropy_dtype": None if ent is None else str(ent.dtype),
+        "entropy_finite_nonneg": None if ent is None else bool(((ent >= -1e-4) & ent.isfinite()).all()),
+    }
+
+
+def _model_dir() -> Path:
+    from bebop_vllm.paths import default_model_dir
+
+    return default_model_dir()
+
+
+def _heads_dir(tmp: Path) -> str:
+    from bebop_vllm.paths import SHIPPED_HEADS_DIR
+
+    if os.environ.get("BEBOP_TEST_HEADS"):
+        return os.environ["BEBOP_TEST_HEADS"]
+    if (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
+        return str(SHIPPED_HEADS_DIR)
+    from bebop_vllm.heads import init_random_heads
+
+    return str(init_random_heads(_model_dir(), tmp / "random_heads", num_depths=NUM_SPEC, seed=0))
+
+
+def _run_engine(engine: str, heads: str, tmp: Path) -> dict:
+    out = tmp / f"{engine}.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, __file__, engine, heads, str(out)], env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=1500,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"{engine} engine failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    if not (_model_dir() / "config.json").is_file():
+        pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
+    tmp = tmp_path_factory.mktemp("exactness")
+    heads = _heads_dir(tmp)
+    return {"plain": _run_engine("plain", heads, tmp), "bebop": _run_engine("bebop", heads, tmp)}
+
+
+def two_sample_chi2(a: list[int], b: list[int], min_count: int = 10) -> float:
+    """p-value of a chi-square homogeneity test; rare categories pooled into one bin."""
+    from scipy.stats import chi2_contingency
+
+    ca, cb = Counter(a), Counter(b)
+    common = [t for t in set(ca) | set(cb) if ca[t] + cb[t] >= min_count]
+    rows = [[ca[t] for t in common], [cb[t] for t in common]]
+    rest = (len(a) - sum(rows[0]), len(b) - sum(rows[1]))
+    if sum(rest) > 0:
+        rows[0].append(rest[0])
+        rows[1].append(rest[1])
+    if len(rows[0]) < 2:
+        return 1.0
+    return float(chi2_contingency(rows)[1])
+
+
+def _verifier_tokens(samples: list[list[int]]) -> dict[int, list]:
+    """Per position 2..DIST_TOKENS: that token keyed with its prefix (a joint category)."""
+    return {pos: [tuple(s[: pos]) for s in samples] for pos in range(2, DIST_TOKENS + 1)}
+
+
+def _ids(res: dict, key: str) -> list[list[int]]:
+    return [c["token_ids"] for c in res[key]]
+
+
+def test_bebop_components_are_installed(results):
+    info = results["bebop"]["runner_after"]
+    assert info["rejection_sampler"] == "BebopRejectionSampler"
+    assert info["drafter"] == "EagleProposer" and info["draft_model"] == "BebopMTPModel"
+    assert info["bebop_drafts"] is True
+    assert info["entropy_dtype"] == "torch.float32" and info["entropy_finite_nonneg"] is True
+    assert results["plain"]["runner_after"]["rejection_sampler"] is None
+
+
+@pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))] + ["mixed_greedy0", "mixed_greedy1"])
+def test_greedy_token_ids_identical(results, key):
+    assert _ids(results["bebop"], key) == _ids(results["plain"], key)
+
+
+def test_stop_strings(results):
+    plain, bebop = results["plain"]["stop"][0], results["bebop"]["stop"][0]
+    assert bebop["text"] == plain["text"] and bebop["finish_reason"] == plain["finish_reason"] == "stop"
+    assert "return" not in bebop["text"]
+
+
+def test_logprobs(results):
+    plain, bebop = results["plain"]["logprobs"][0], results["bebop"]["logprobs"][0]
+    assert bebop["token_ids"] == plain["token_ids"]
+    assert len(bebop["logprobs"]) == len(plain["logprobs"]) == len(plain["token_ids"])
+    for step_p, step_b in zip(plain["logprobs"], bebop["logprobs"], strict=True):
+        assert step_p.keys() == step_b.keys()
+        for t in step_p:  # bf16 target: verify-pass and decode-pass logits differ by rounding only
+            assert abs(step_p[t] - step_b[t]) < 0.05, (t, step_p[t], step_b[t])
+
+
+def test_max_tokens_one(results):
+    assert _ids(results["bebop"], "one") == _ids(results["plain"], "one")
+    assert len(_ids(results["bebop"], "one")[0]) == 1
+    assert len(_ids(results["bebop"], "one_random")[0]) == 1
+
+
+def test_n_greater_than_one(results):
+    outs = results["bebop"]["n4"]
+    assert len(outs) == 4 and all(len(c["token_ids"]) >= 1 for c in outs)
+    assert len({tuple(c["token_ids"]) for c in outs}) > 1  # independent samples, not copies
+
+
+def test_seeded_requests_reproducible_in_mixed_batch(results):
+    for engine in ("plain", "bebop"):
+        res = results[engine]
+        assert _ids(res, "mixed_seed_a") == _ids(res, "mixed_seed_b"), engine
+    assert len(_ids(results["bebop"], "mixed_random")[0]) == 24
+
+
+def test_chi2_has_power_against_wrong_temperature(results):
+    """T=0.85 vs T=1 (both plain) must be rejected: the distribution test can see a temperature error."""
+    t1, t085 = _verifier_tokens(results["plain"]["dist_t1"]), _verifier_tokens(results["plain"]["dist_t085"])
+    first = two_sample_chi2([s[0] for s in results["plain"]["dist_t1"]], [s[0] for s in results["plain"]["dist_t085"]])
+    p_values = [first] + [two_sample_chi2(t1[pos], t085[pos]) for pos in t1]
+    assert min(p_values) < ALPHA, p_values
+
+
+@pytest.mark.parametrize("case", ["t1", "t07p"])
+def test_sampling_distribution_matches(results, case):
+    plain = results["plain"][f"dist_{case}"]
+    bebop = results["bebop"][f"dist_{case}"]
+    assert len(plain) == len(bebop) == DIST_SAMPLES
+    assert all(len(s) == DIST_TOKENS for s in plain + bebop)
+    tp, tb = _verifier_tokens(plain), _verifier_tokens(bebop)
+    p_values = {pos: two_sample_chi2(tp[pos], tb[pos]) for pos in tp}
+    # Also the verifier's own token with the prefix pooled (the marginal at position 2).
+    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in bebop])
+    # Bonferroni over the 3 tests of this case.
+    assert min(p_values.values()) > ALPHA / 3, p_values
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:5])
