@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="whole pipeline on a few prompts and tokens (CI, < 3 min)")
     p.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (full: 8)")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (full: 384)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (full: 320)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="sampled continuation length (full: 128)")
     p.add_argument("--temperatures", default=None, help="comma-separated sweep (full: 0.3,0.5,0.7,1.0,1.3)")
     p.add_argument("--compare-temperatures", default=None, help="claim 3 temperatures (full: 0.7,1.0)")
@@ -140,7 +140,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         primary=primary,
         domains=[d.strip() for d in args.domains.split(",") if d.strip()],
         prompts_per_domain=args.prompts_per_domain or (1 if q else 8),
-        max_prompt_tokens=args.max_prompt_tokens or (256 if q else 384),
+        max_prompt_tokens=args.max_prompt_tokens or (256 if q else 320),
         max_new_tokens=args.max_new_tokens or (24 if q else 128),
         temperatures=temps,
         compare_temperatures=compare,
