@@ -99,7 +99,8 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Machine: {res['machine']}. Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
         f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
-        f"repeats = {cfg['repeats']} (median). Wall time: {res['wall_s']:.0f} s.",
+        f"repeats = {cfg['repeats']} (median). Wall time: {res['wall_s']:.0f} s."
+        + ("" if res["complete"] else " **Partial run: not every cell finished.**"),
         "",
         "tokens/s (ratio to no speculation in the same cell) · mean accepted length (tokens per verify step)",
         "",
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
             heads = str(init_random_heads(args.model, Path(args.out).parent / "_random_heads", num_depths=args.k))
             heads_kind = "random (untrained)"
+    try:  # describe the heads by their metadata (loss "random-init" = untrained)
+        meta = json.loads((Path(heads) / "bebop.json").read_text())
+        heads_kind += f", loss={meta.get('loss')}, train_steps={meta.get('train_steps')}"
+    except (OSError, ValueError):
+        pass
     temps = [float(t) for t in args.temperatures.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     domains = args.domains.split(",")
@@ -177,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         workers[e] = (proc, parent)
 
     cells = []
-    plan = [(t, b, d) for t in temps for b in batches for d in domains]
+    # Highest temperature first: the headline cell (T=1, batch 1) survives a run cut short.
+    plan = [(t, b, d) for t in sorted(temps, reverse=True) for b in batches for d in domains]
     bar = tqdm(total=len(plan) * len(engines) * args.repeats, desc="cells x engines", unit="run")
     for n_cell, (t, b, d) in enumerate(plan):
         ps = prompts[d][: args.batch1_prompts] if b == 1 else prompts[d][: args.prompts_per_domain]
@@ -205,16 +212,25 @@ def main(argv: list[str] | None = None) -> int:
         cells.append(cell)
         bar.set_postfix_str(f"T={t} b={b} {d}: " + " ".join(
             f"{e}={cell['engines'][e]['tok_s']:.0f}" for e in engines))
+        # Partial results after every cell: a long run cut short still leaves its data.
+        _write(args, argv, heads, heads_kind, engines, temps, batches, cells, t_start, len(plan))
     bar.close()
     for proc, conn in workers.values():
         conn.send(("stop",))
         proc.join(timeout=60)
+    _write(args, argv, heads, heads_kind, engines, temps, batches, cells, t_start, len(plan))
+    return 0
 
+
+def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engines: list[str], temps: list[float],
+           batches: list[int], cells: list[dict[str, Any]], t_start: float, planned: int) -> None:
     summary: dict[str, dict[str, float]] = {}
     if "none" in engines:
         for t in temps:
             for b in batches:
                 sel = [c for c in cells if c["temperature"] == t and c["batch"] == b]
+                if not sel:
+                    continue
                 summary[f"{t}|{b}"] = {
                     e: statistics.geometric_mean([c["engines"][e]["ratio"] for c in sel])
                     for e in engines
@@ -227,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                    "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts_per_domain,
                    "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines},
         "wall_s": time.perf_counter() - t_start,
+        "complete": len(cells) == planned,
         "cells": cells,
         "summary": summary,
     }
@@ -235,8 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     if engines == list(ENGINES):
         out.with_suffix(".md").write_text(_markdown(res))
-    print(f"wrote {out.with_suffix('.json')}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
