@@ -99,19 +99,23 @@ class _Engine:
             self.proc.join(timeout=10)
 
 
-def _resolve_heads(heads: str | None, model: str, tmp: Path) -> tuple[str, str]:
+def _resolve_heads(heads: str | None, model: str, tmp: Path, k: int) -> tuple[str, str]:
     """(heads dir, label). ``random`` builds untrained heads (plumbing demo, low acceptance)."""
     from bebop_vllm.paths import SHIPPED_HEADS_DIR
 
     if heads == "random":
         from bebop_vllm.heads import init_random_heads
 
-        return str(init_random_heads(model, tmp / "random_heads", num_depths=3, seed=0)), \
+        return str(init_random_heads(model, tmp / "random_heads", num_depths=k, seed=0)), \
             "random (untrained) heads"
     path = Path(heads) if heads else SHIPPED_HEADS_DIR
+    if heads is None and not (path / "model.safetensors").is_file():
+        print(f"bebop demo: NOTE: shipped heads not found at {path}; using RANDOM, untrained "
+              "heads instead (acceptance will be near 0, so bebop will be slower). Train heads "
+              "with `bebop train` or pass --heads DIR.", flush=True)
+        return _resolve_heads("random", model, tmp, k)
     if not (path / "model.safetensors").is_file():
-        where = "the shipped heads" if heads is None else "heads folder"
-        raise BebopError(f"{where} {path} not found (no model.safetensors); train them with "
+        raise BebopError(f"heads folder {path} not found (no model.safetensors); train them with "
                          "`bebop train`, pass --heads DIR, or --heads random for an untrained "
                          "plumbing demo")
     return str(path), str(path)
@@ -140,7 +144,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.prompts_per_domain < 1 or args.max_tokens < 1 or args.batch < 1:
         raise BebopError("--prompts-per-domain, --max-tokens and --batch must be >= 1")
     tmp = Path(tempfile.mkdtemp(prefix="bebop-demo-"))
-    heads, heads_label = _resolve_heads(args.heads, model, tmp)
+    heads, heads_label = _resolve_heads(args.heads, model, tmp, args.num_speculative_tokens)
     tok = AutoTokenizer.from_pretrained(model)
     prompts = load_prompts(DOMAINS, "heldout", limit_per_domain=args.prompts_per_domain)
     texts = [render(p, tok) for p in prompts]
