@@ -35,6 +35,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument(
+        "--engine",
+        choices=["vllm", "hf"],
+        default="vllm",
+        help="sampler: vllm (default), or hf (transformers, fp32; also stores the target hidden states the "
+        "trainer needs, saving a second target pass on CPU)",
+    )
+    p.add_argument(
         "--split",
         choices=["heldout", "train"],
         action="append",
@@ -71,5 +78,8 @@ def run(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         temps,
         args.seed,
+        tuple(args.split or ("heldout", "train")),
+        args.chunk,
+        args.engine,
     )
     return 0

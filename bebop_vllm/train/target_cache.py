@@ -37,11 +37,27 @@ class HiddenCache:
         self.state_path = data_dir / split / f"hidden-{key}.json"
         self.hidden_size = int(read_target_config(model_dir)["hidden_size"])
         self.model_dir = model_dir
+        nbytes = len(seqs.tokens) * self.hidden_size * 2
+        if self.path.exists() and self.path.stat().st_size < nbytes:  # the split grew (appended chunks)
+            with open(self.path, "r+b") as f:
+                f.truncate(nbytes)
         mode = "r+" if self.path.exists() else "w+"
         self.array = np.memmap(self.path, dtype=np.float16, mode=mode, shape=(len(seqs.tokens), self.hidden_size))
-        self.done: set[int] = (
-            set(json.loads(self.state_path.read_text())["done"]) if self.state_path.exists() else set()
-        )
+        self.done: set[int] = set()
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            if state.get("tokens_sha") == self._tokens_sha(state["done"]):  # else: the data changed, recompute
+                self.done = set(state["done"])
+
+    def _tokens_sha(self, indices: list[int]) -> str:
+        h = hashlib.sha256()
+        for i in sorted(indices):
+            h.update(self.seqs.sequence(i).tobytes() if i < len(self.seqs) else b"missing")
+        return h.hexdigest()
+
+    def _save_state(self) -> None:
+        done = sorted(self.done)
+        self.state_path.write_text(json.dumps({"done": done, "tokens_sha": self._tokens_sha(done)}))
 
     def fill(self, indices: list[int], desc: str = "target hidden states", progress: bool = True) -> None:
         """Compute the states of the sequences in ``indices`` not cached yet (fp32 target, progress bar)."""
@@ -58,8 +74,22 @@ class HiddenCache:
                 self.done.add(i)
                 if (k + 1) % 8 == 0 or k + 1 == len(todo):  # flush the data, then record progress
                     self.array.flush()
-                    self.state_path.write_text(json.dumps({"done": sorted(self.done)}))
+                    self._save_state()
                 bar.update(ids.shape[1])
+
+    def put(self, i: int, hidden: torch.Tensor) -> None:
+        """Store sequence i's states computed elsewhere (e.g. while sampling); call save() after."""
+        n = int(self.seqs.offsets[i + 1] - self.seqs.offsets[i])
+        if tuple(hidden.shape) != (n, self.hidden_size):
+            raise ValueError(
+                f"hidden states for sequence {i} have shape {tuple(hidden.shape)}, expected {(n, self.hidden_size)}"
+            )
+        self.array[self.seqs.offsets[i] : self.seqs.offsets[i + 1]] = hidden.to(torch.float16).numpy()
+        self.done.add(i)
+
+    def save(self) -> None:
+        self.array.flush()
+        self._save_state()
 
     def hidden(self, i: int) -> torch.Tensor:
         """[L_i, H] float32 hidden states of sequence i (must be cached)."""
