@@ -67,7 +67,8 @@ def row_stats_kernel(
         e = tl.exp(s - shift)
         if COMPUTE_ENTROPY:
             centred = tl.where(s > neg_inf, s - shift, 0.0)
-            carried = tl.where(z > 0, w + (running_max - shift) * z, 0.0)
+            # (running_max - shift) is -inf while z == 0; zero it first so no 0 * inf NaN.
+            carried = w + tl.where(z > 0, running_max - shift, 0.0) * z
             w = rescale * carried + tl.sum(e * centred, axis=0)
         z = z * rescale + tl.sum(e, axis=0)
         running_max = new_max
