@@ -73,9 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--engines-at-once", type=int, default=4,
                    help="engines alive at a time (memory: ~2 GB each); every group includes no speculation")
-    p.add_argument("--threads", type=int, default=None, help="torch threads for the analytic part (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the analytic part (default: all; 1 when the load exceeds the CPU count)")
     p.add_argument("--only-samples", action="store_true",
-                   help="stop after sampling the held-out continuations (head-independent; a later run reuses them)")
+                   help="stop after sampling the held-out continuations and computing their target hidden states "
+                   "(head-independent; a later run reuses both)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing engine run instead of "
                    "recording the failure and going on")
     return p.parse_args(argv)
@@ -267,25 +269,56 @@ def stage_timed(cfg: StudyConfig, prompts: list[dict[str, Any]], specs: dict[str
 
 
 class Analyzer:
-    """The target and the heads in PyTorch, loaded once."""
+    """The target and the heads in PyTorch, loaded once; target hidden states of the held-out
+    samples are kept on disk (``hidden_dir``, fp32) so the head-independent part runs once."""
 
-    def __init__(self, cfg: StudyConfig) -> None:
+    def __init__(self, cfg: StudyConfig, hidden_dir: Path | None = None) -> None:
         import torch
 
         from bebop_vllm.heads import load_heads
         from bebop_vllm.heads.target import load_target_model
 
         self.cfg = cfg
+        self.hidden_dir = hidden_dir
         self.target = load_target_model(cfg.model_dir, torch.float32)
         self.heads = {name: load_heads(d, cfg.model_dir, dtype=torch.float32) for name, d in cfg.heads.items()}
         for h in self.heads.values():
             h.eval()
 
-    def run(self, tokens: list[int], prompt_len: int, temperature: float, heads: list[str]) -> dict[str, Any]:
+    def hidden(self, tokens: list[int], key: str | None) -> Any:
+        import hashlib
+
+        import torch
+        from study.analytic import target_hidden
+
+        if key is None or self.hidden_dir is None:
+            return target_hidden(self.target, tokens)
+        digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
+        path = self.hidden_dir / f"{key}-{digest}.pt"
+        if path.is_file():
+            return torch.load(path)
+        h = target_hidden(self.target, tokens)
+        self.hidden_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(h, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return h
+
+    def run(self, tokens: list[int], prompt_len: int, temperature: float, heads: list[str],
+            key: str | None = None) -> dict[str, Any]:
         from study.analytic import SequenceInput, sequence_stats
 
         seq = SequenceInput(tokens=tokens, prompt_len=prompt_len, temperature=temperature)
-        return sequence_stats(self.target, {h: self.heads[h] for h in heads}, seq, self.cfg.num_depths)
+        return sequence_stats(self.target, {h: self.heads[h] for h in heads}, seq, self.cfg.num_depths,
+                              hidden=self.hidden(tokens, key))
+
+
+def stage_hidden(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], analyzer: Analyzer) -> None:
+    """Precompute the target hidden states of every held-out sample (head-independent)."""
+    from tqdm import tqdm
+
+    for s in tqdm(samples, desc="target hidden states", unit="seq", dynamic_ncols=True):
+        p = prompts[s["prompt_index"]]
+        analyzer.hidden(p["ids"] + s["tokens"], f"{s['prompt_index']}@{s['temperature']:g}")
 
 
 def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: list[dict[str, Any]],
@@ -311,7 +344,7 @@ def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: lis
                 t = s["temperature"]
                 compare = any(abs(t - c) < 1e-9 for c in cfg.compare_temperatures)
                 heads = [cfg.primary] + [h for h in cfg.heads if h != cfg.primary and compare]
-                stats = analyzer_fn().run(p["ids"] + s["tokens"], len(p["ids"]), t, heads)
+                stats = analyzer_fn().run(p["ids"] + s["tokens"], len(p["ids"]), t, heads, key=key)
                 recs = [
                     {"domain": p["domain"], "prompt_id": p["prompt_id"], "temperature": t, "head": h,
                      "new_tokens": len(s["tokens"]), "stats": st}
@@ -386,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        torch.set_num_threads(1)  # an oversubscribed machine: OpenMP barriers across busy cores crawl
     t_start = time.time()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     try:
@@ -429,15 +464,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("[samples] cached\n[timed] cached")
 
-    if args.only_samples:
-        print(f"[samples] {len(samples)} continuations ready in {cache.path('samples')}")
-        return 0
+    hidden_dir = cache.dir / f"hidden-{data_key}"
     analyzer: list[Analyzer] = []
 
     def get_analyzer() -> Analyzer:
         if not analyzer:
-            analyzer.append(Analyzer(cfg))
+            analyzer.append(Analyzer(cfg, hidden_dir))
         return analyzer[0]
+
+    if args.only_samples:
+        stage_hidden(prompts, samples, get_analyzer())
+        print(f"[samples] {len(samples)} continuations and their target hidden states ready in {cache.dir}")
+        return 0
 
     analytic_key = cfg.key()
     records = cache.run(

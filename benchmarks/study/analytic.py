@@ -99,11 +99,20 @@ def head_stats(head: BebopMTPHead, seq: SequenceInput, hidden: torch.Tensor, num
 
 
 @torch.no_grad()
+def target_hidden(target: Any, tokens: list[int]) -> torch.Tensor:
+    """The target's post-norm final hidden states [L, H] (fp32) for one sequence."""
+    return final_hidden_states(target, torch.tensor([tokens]))[0].float()
+
+
+@torch.no_grad()
 def sequence_stats(
-    target: Any, heads: dict[str, BebopMTPHead], seq: SequenceInput, num_depths: int
+    target: Any, heads: dict[str, BebopMTPHead], seq: SequenceInput, num_depths: int,
+    hidden: torch.Tensor | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run the target once on ``seq`` and every head in ``heads`` on its chains."""
-    hidden = final_hidden_states(target, torch.tensor([seq.tokens]))[0].float()
+    """Run the target once on ``seq`` (unless its ``hidden`` states are given) and every head in
+    ``heads`` on its chains."""
+    if hidden is None:
+        hidden = target_hidden(target, seq.tokens)
     out = {}
     for name, head in heads.items():
         s = head_stats(head, seq, hidden, num_depths)
