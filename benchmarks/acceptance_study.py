@@ -286,15 +286,12 @@ class Analyzer:
             h.eval()
 
     def hidden(self, tokens: list[int], key: str | None) -> Any:
-        import hashlib
-
         import torch
         from study.analytic import target_hidden
 
         if key is None or self.hidden_dir is None:
             return target_hidden(self.target, tokens)
-        digest = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
-        path = self.hidden_dir / f"{key}-{digest}.pt"
+        path = self._path(tokens, key)
         if path.is_file():
             return torch.load(path)
         h = target_hidden(self.target, tokens)
@@ -302,6 +299,35 @@ class Analyzer:
         torch.save(h, path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
         return h
+
+    def _path(self, tokens: list[int], key: str) -> Path:
+        import hashlib
+
+        assert self.hidden_dir is not None
+        return self.hidden_dir / f"{key}-{hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}.pt"
+
+    def prefill_shared(self, prompt: list[int], conts: list[tuple[str, list[int]]]) -> None:
+        """Hidden states of several continuations of one prompt, running the prompt once (its KV
+        cache is copied per continuation; equal to a full forward up to float rounding)."""
+        import copy
+
+        import torch
+
+        todo = [(k, c) for k, c in conts if not self._path(prompt + c, k).is_file()]
+        if not todo or self.hidden_dir is None:
+            return
+        self.hidden_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            out = self.target.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            for key, cont in todo:
+                h = out.last_hidden_state[0].float()
+                if cont:
+                    rest = self.target.model(input_ids=torch.tensor([cont]),
+                                             past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
+                    h = torch.cat([h, rest.last_hidden_state[0].float()])
+                path = self._path(prompt + cont, key)
+                torch.save(h, path.with_suffix(".tmp"))
+                path.with_suffix(".tmp").replace(path)
 
     def run(self, tokens: list[int], prompt_len: int, temperature: float, heads: list[str],
             key: str | None = None) -> dict[str, Any]:
@@ -313,12 +339,17 @@ class Analyzer:
 
 
 def stage_hidden(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], analyzer: Analyzer) -> None:
-    """Precompute the target hidden states of every held-out sample (head-independent)."""
+    """Precompute the target hidden states of every held-out sample (head-independent), running
+    each prompt once for all its temperatures."""
     from tqdm import tqdm
 
-    for s in tqdm(samples, desc="target hidden states", unit="seq", dynamic_ncols=True):
-        p = prompts[s["prompt_index"]]
-        analyzer.hidden(p["ids"] + s["tokens"], f"{s['prompt_index']}@{s['temperature']:g}")
+    by_prompt: dict[int, list[dict[str, Any]]] = {}
+    for s in samples:
+        by_prompt.setdefault(s["prompt_index"], []).append(s)
+    for i, group in tqdm(by_prompt.items(), desc="target hidden states", unit="prompt", dynamic_ncols=True):
+        analyzer.prefill_shared(
+            prompts[i]["ids"], [(f"{s['prompt_index']}@{s['temperature']:g}", s["tokens"]) for s in group]
+        )
 
 
 def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: list[dict[str, Any]],
@@ -478,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     analytic_key = cfg.key()
+    if cache.get("analytic", analytic_key) is None:
+        stage_hidden(prompts, samples, get_analyzer())
     records = cache.run(
         "analytic", analytic_key,
         lambda: stage_analytic(cfg, prompts, samples, get_analyzer, cache.dir / f"analytic-{analytic_key}.jsonl"),
