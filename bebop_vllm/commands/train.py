@@ -65,6 +65,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences in periodic evals (default: 16)")
     p.add_argument("--save-every", type=int, default=50, help="save the resume state every N steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and chain subsets (default: 0)")
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=None,
+        help="stop training after this many minutes, then run the final eval and save (default: none)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run (resume later)")
     return p
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         save_every=args.save_every,
         seed=args.seed,
         resume=args.resume,
+        time_budget_min=args.time_budget_min,
         stop_after=args.stop_after,
     )
     meta = train(cfg)

@@ -59,11 +59,10 @@ def sequence_chains(
     pos = pos.clamp(max=length - 2)
     residual = torch.stack([outs[j][0, pos[:, j]] for j in range(num_depths)], dim=1)  # [N, g, H]
     draft_logits = head.logits(residual) / temperature
-    # target distributions at positions t + j (computed once per position, then gathered)
-    first = int(chain_starts.min()) + 1 if len(chain_starts) else 0
-    probs = target_probs_at(head, hidden[first:], temperature)
-    tpos = (chain_starts[:, None] + depth[None, :]).clamp(max=length - 1) - first
-    target_probs = probs[tpos]
+    # target distributions at positions t + j: computed once per distinct position, then gathered
+    tpos = (chain_starts[:, None] + depth[None, :]).clamp(max=length - 1)
+    needed, inverse = torch.unique(tpos, return_inverse=True)
+    target_probs = target_probs_at(head, hidden[needed], temperature)[inverse]
     label_pos = chain_starts[:, None] + depth[None, :] + 1
     ce_mask = mask & (label_pos <= length - 1)
     target_ids = torch.where(ce_mask, tokens[label_pos.clamp(max=length - 1)], -1)

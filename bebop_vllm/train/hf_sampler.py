@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def sample_with_hidden(
     last = h[:, -1]
     finished = torch.zeros(b, dtype=torch.bool)
     lm_head = model.lm_head.weight
-    for step in range(max_new_tokens):
+    for step in tqdm(range(max_new_tokens), desc=f"sampling {b} prompts", unit="step", leave=False):
         probs = torch.softmax((last.float() @ lm_head.float().T) / temperature, dim=-1)
         nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
         active = ~finished

@@ -56,6 +56,7 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+    time_budget_min: float | None = None  # end training (then final eval + save) after this many minutes
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -145,6 +146,9 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     first_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.loss}", dynamic_ncols=True, disable=not cfg.progress)
     while step < cfg.steps:
+        if cfg.time_budget_min is not None and time.time() - t_start > 60 * cfg.time_budget_min:
+            tqdm.write(f"time budget of {cfg.time_budget_min} min reached at step {step}/{cfg.steps}")
+            break
         # data order and chain subsets derive from (seed, step): a resumed run sees the same batches
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         epoch, pos = divmod(step * cfg.seqs_per_step, len(train_idx))
