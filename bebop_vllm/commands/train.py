@@ -66,6 +66,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--save-every", type=int, default=50, help="save the resume state every N steps (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and chain subsets (default: 0)")
     p.add_argument(
+        "--train-on-prompts",
+        action="store_true",
+        help="also train on draft chains inside the prompts (the target's distributions are exact there too; "
+        "more chains per sampled sequence when sampling is the bottleneck). Evaluation stays on completions.",
+    )
+    p.add_argument(
         "--time-budget-min",
         type=float,
         default=None,
@@ -108,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         time_budget_min=args.time_budget_min,
+        train_on_prompts=args.train_on_prompts,
         stop_after=args.stop_after,
     )
     meta = train(cfg)

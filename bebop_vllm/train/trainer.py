@@ -56,6 +56,7 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     resume: bool = False
+    train_on_prompts: bool = False  # also train chains inside the prompt (target p is exact there too)
     time_budget_min: float | None = None  # end training (then final eval + save) after this many minutes
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
     progress: bool = True
@@ -160,7 +161,8 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         for i in batch:  # gradient accumulation: one sequence at a time bounds memory
             tokens = torch.from_numpy(train_set.sequence(i).astype(np.int64))
             plen = int(train_set.prompt_lens[i])
-            starts = torch.arange(max(plen - 1, 0), len(tokens) - 1)
+            first = 0 if cfg.train_on_prompts else max(plen - 1, 0)
+            starts = torch.arange(first, len(tokens) - 1)
             if len(starts) > cfg.max_chains_per_seq:
                 starts = starts[torch.randperm(len(starts), generator=gen)[: cfg.max_chains_per_seq]].sort().values
             if len(starts) == 0:
@@ -207,7 +209,8 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     meta = _metadata(cfg, train_set, train_idx, step, tokens_seen, final)
     meta.notes = (
         f"trained by `bebop train` in {train_seconds:.0f} s; {(tokens_seen - tokens_at_start) / train_seconds:.1f} "
-        f"chain positions/s; peak RSS {peak_rss_mb:.0f} MB"
+        f"chain positions/s; peak RSS {peak_rss_mb:.0f} MB; train_on_prompts={cfg.train_on_prompts}; "
+        f"lr {cfg.lr}, {cfg.seqs_per_step} sequences x <= {cfg.max_chains_per_seq} chains per step"
     )
     tcfg = read_target_config(cfg.model_dir)
     save_heads(head, cfg.out_dir, tcfg, meta, dtype=cfg.save_dtype)
