@@ -181,7 +181,10 @@ def _row_entropy_from_probs(processed: torch.Tensor, probs: torch.Tensor) -> tor
     """
     p_max, index = probs.max(dim=-1)
     s_max = processed.gather(1, index.unsqueeze(-1)).squeeze(-1)
-    weighted = torch.nansum(probs * processed, dim=-1)  # 0 * -inf = nan is dropped
+    if bool(torch.isneginf(processed).any()):
+        weighted = torch.nansum(probs * processed, dim=-1)  # 0 * -inf = nan is dropped
+    else:
+        weighted = torch.linalg.vecdot(probs, processed)  # no [N, V] temporary
     return (s_max - torch.log(p_max)) - weighted
 
 
@@ -287,10 +290,17 @@ def rejection_sample_from_logits(
         )
         return RejectionOutput(output, num_accepted, entropy)
 
-    inplace = allow_inplace and masked and logits.dtype == torch.float32
-    processed = logits if inplace else logits.to(torch.float32, copy=True)
-    apply_temperature(processed, row_temperature)
-    processed = apply_top_k_top_p(processed, row_top_k, row_top_p)
+    if masked:
+        inplace = allow_inplace and logits.dtype == torch.float32
+        processed = logits if inplace else logits.to(torch.float32, copy=True)
+        apply_temperature(processed, row_temperature)
+        processed = apply_top_k_top_p(processed, row_top_k, row_top_p)
+    elif bool((row_temperature == 1).all()):
+        # x / 1 == x exactly: skip a full pass (and the copy, for float32 logits).
+        processed = logits.float()
+    else:
+        # One pass writing a new tensor; bitwise the same as vLLM's copy-then-div_.
+        processed = logits.float() / row_temperature.unsqueeze(-1)
     probs = processed.softmax(dim=-1)
     entropy = _row_entropy_from_probs(processed, probs) if return_entropy else None
     row_argmax = None
