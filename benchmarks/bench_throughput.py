@@ -76,7 +76,8 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, con
         conn.send((time.perf_counter() - t0, tokens, steps, accepted))
 
 
-def _render_prompts(model: str, domains: list[str], per_domain: int) -> dict[str, list[str]]:
+def _render_prompts(model: str, domains: list[str], per_domain: int, max_prompt_tokens: int) -> dict[str, list[str]]:
+    """The first ``per_domain`` held-out prompts of each domain that fit ``max_prompt_tokens``."""
     from transformers import AutoTokenizer
 
     from bebop_vllm.data import load_prompts, render
@@ -84,7 +85,9 @@ def _render_prompts(model: str, domains: list[str], per_domain: int) -> dict[str
     tok = AutoTokenizer.from_pretrained(model)
     out: dict[str, list[str]] = {}
     for d in domains:
-        out[d] = [render(p, tok) for p in load_prompts([d], split="heldout", limit_per_domain=per_domain)]
+        rendered = (render(p, tok) for p in load_prompts([d], split="heldout"))
+        fitting = (r for r in rendered if len(tok(r, add_special_tokens=False).input_ids) <= max_prompt_tokens)
+        out[d] = [r for _, r in zip(range(per_domain), fitting, strict=False)]
         if len(out[d]) < per_domain:
             raise SystemExit(f"domain {d}: only {len(out[d])} held-out prompts, need {per_domain}")
     return out
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     temps = [float(t) for t in args.temperatures.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     domains = args.domains.split(",")
-    prompts = _render_prompts(args.model, domains, max(args.prompts_per_domain, args.batch1_prompts))
+    prompts = _render_prompts(args.model, domains, max(args.prompts_per_domain, args.batch1_prompts),
+                              args.max_model_len - args.max_tokens - 8)
 
     t_start = time.perf_counter()
     ctx = mp.get_context("spawn")
