@@ -238,9 +238,9 @@ def _check_consistent(spec: dict, max_tokens: int, length: int | None, req: dict
     assert sum(spec["acceptance_histogram"]) == steps
     assert sum(spec["num_accepted_tokens_per_pos"]) == accepted
     assert sum(spec["num_draft_tokens_per_pos"]) == spec["num_draft_tokens"]
-    assert spec["per_step_accepted"] and len(spec["per_step_accepted"]) == steps or steps == 0
-    decided = sum(min(a + 1, d) for a, d in zip(spec["per_step_accepted"] or [],
-                                                spec["per_step_drafted"] or [], strict=True))
+    assert spec.get("per_step_accepted") and len(spec.get("per_step_accepted")) == steps or steps == 0
+    decided = sum(min(a + 1, d) for a, d in zip(spec.get("per_step_accepted") or [],
+                                                spec.get("per_step_drafted") or [], strict=True))
     assert spec["num_entropy_tokens"] == decided, (spec, req)
     assert len(spec.get("per_step_target_entropy") or []) == steps
     if decided:
