@@ -121,6 +121,34 @@ def _resolve_heads(heads: str | None, model: str, tmp: Path, k: int) -> tuple[st
     return str(path), str(path)
 
 
+def _fitting_prompts(tok: Any, domains: Any, per_domain: int, max_prompt_tokens: int,
+                     load_prompts: Any, render: Any) -> tuple[list, list[str]]:
+    """The first ``per_domain`` held-out prompts of each domain that fit the context.
+
+    Some agentic prompts (long tool lists) exceed a small engine's context; they are skipped,
+    not truncated, so every request is a real held-out prompt.
+    """
+    chosen, texts, skipped = [], [], 0
+    counts: dict[str, int] = {}
+    for p in load_prompts(domains, "heldout", limit_per_domain=per_domain * 20):
+        if counts.get(p.domain, 0) >= per_domain:
+            continue
+        text = render(p, tok)
+        if len(tok(text).input_ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        counts[p.domain] = counts.get(p.domain, 0) + 1
+        chosen.append(p)
+        texts.append(text)
+    missing = [d for d in domains if counts.get(d, 0) == 0]
+    if missing:
+        raise BebopError(f"no held-out prompt of {missing} fits {max_prompt_tokens} prompt tokens; "
+                         "raise --max-model-len")
+    if skipped:
+        print(f"  (skipped {skipped} held-out prompts longer than {max_prompt_tokens} tokens)")
+    return chosen, texts
+
+
 def _sum_lists(lists: list[list[int] | None]) -> list[int]:
     """Element-wise sum of the non-empty lists (per-position counts over requests)."""
     present = [x for x in lists if x]
@@ -146,8 +174,8 @@ def run_demo(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bebop-demo-"))
     heads, heads_label = _resolve_heads(args.heads, model, tmp, args.num_speculative_tokens)
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = load_prompts(DOMAINS, "heldout", limit_per_domain=args.prompts_per_domain)
-    texts = [render(p, tok) for p in prompts]
+    prompts, texts = _fitting_prompts(tok, DOMAINS, args.prompts_per_domain,
+                                      args.max_model_len - args.max_tokens, load_prompts, render)
     params = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
               "ignore_eos": True}
 
