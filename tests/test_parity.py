@@ -110,12 +110,15 @@ def test_draft_distributions_match_reference(parity):
         ref = draft_reference(_model_dir(), heads, chain, rec["draft_ids"][: NUM_SPEC - 1], temperature=1.0)
         assert ref.shape == vllm_q.shape
         tv = _tv(vllm_q, ref)
+        print(f"parity TV per depth {[round(x, 5) for x in tv.tolist()]} (tolerance {TV_TOL})")
         assert (tv <= TV_TOL).all(), f"TV per depth {tv.tolist()} > {TV_TOL}"
         # The drafted tokens are samples of these distributions: each must have q > 0.
         assert all(ref[j, t] > 0 for j, t in enumerate(rec["draft_ids"]))
 
         # Negative controls: the comparison must be able to fail.
         wrong = draft_reference(_model_dir(), other, chain, rec["draft_ids"][: NUM_SPEC - 1], temperature=1.0)
+        print(f"negative controls: other heads {_tv(vllm_q, wrong).tolist()}, "
+              f"shifted {_tv(vllm_q[1:], ref[:-1]).tolist()}")
         assert (_tv(vllm_q, wrong) > 5 * TV_TOL).all(), _tv(vllm_q, wrong).tolist()
         assert (_tv(vllm_q[1:], ref[:-1]) > 5 * TV_TOL).all(), _tv(vllm_q[1:], ref[:-1]).tolist()
 
