@@ -36,10 +36,11 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument(
         "--engine",
-        choices=["vllm", "hf"],
+        choices=["vllm", "hf", "prompts"],
         default="vllm",
         help="sampler: vllm (default), or hf (transformers, fp32; also stores the target hidden states the "
-        "trainer needs, saving a second target pass on CPU)",
+        "trainer needs, saving a second target pass on CPU), or prompts (no sampling: store the prompts' own "
+        "text; train on it with `bebop train --train-on-prompts` when sampling is too slow)",
     )
     p.add_argument(
         "--split",

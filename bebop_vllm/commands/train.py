@@ -43,13 +43,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "--max-train-sequences",
         type=int,
         default=None,
-        help="use N evenly spaced train sequences (keeps the domain mix; default: all)",
+        help="use the first N train sequences (domains are interleaved; default: all)",
     )
     p.add_argument(
         "--heldout-sequences",
         type=int,
         default=None,
-        help="evaluate on N evenly spaced held-out sequences (default: all)",
+        help="evaluate on the first N held-out sequences (default: all)",
     )
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, AdamW (default: 1e-3)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps (default: 10)")

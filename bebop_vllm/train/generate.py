@@ -138,6 +138,8 @@ def _sample_chunk(
         params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=True)
         return [(list(o.outputs[0].token_ids), str(o.outputs[0].finish_reason)) for o in outs]
+    if engine == "prompts":  # no sampling: the prompt text itself, scored by the target at train time
+        return [([], "prompt-only") for _ in prompts]
     from bebop_vllm.train.hf_sampler import sample_with_hidden
 
     eos = {
@@ -191,12 +193,14 @@ def generate_data(
             max_num_batched_tokens=max(max_len, 1024),
             max_num_seqs=128,
         )
+    elif engine == "prompts":
+        llm = None
     elif engine == "hf":
         from bebop_vllm.heads.target import load_target_model
 
         llm = load_target_model(model_dir, torch.float32)
     else:
-        raise BebopError(f"unknown engine {engine!r}; choose vllm or hf")
+        raise BebopError(f"unknown engine {engine!r}; choose vllm, hf or prompts")
     out: dict[str, SequenceSet] = {}
     limits = {"heldout": heldout_per_domain, "train": train_per_domain}
     for split in splits:

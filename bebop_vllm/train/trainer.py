@@ -41,8 +41,8 @@ class TrainConfig:
     steps: int = 200
     seqs_per_step: int = 4
     max_chains_per_seq: int = 128  # random subset of chain starts per sequence and step
-    max_train_sequences: int | None = None  # evenly spaced subset of the train split
-    heldout_sequences: int | None = None  # evenly spaced subset of the held-out split (final eval)
+    max_train_sequences: int | None = None  # first N of the train split
+    heldout_sequences: int | None = None  # first N of the held-out split (final eval)
     lr: float = 1e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -86,12 +86,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _with_temperature(seqs: SequenceSet, temperature: float, limit: int | None) -> list[int]:
-    """Indices of sequences sampled at ``temperature``; with ``limit``, an evenly spaced subset
-    (the splits are stored domain by domain, so this keeps the domain mix)."""
+    """Indices of sequences sampled at ``temperature``, the first ``limit`` of them (generate-data
+    interleaves the domains, so a prefix keeps the domain mix)."""
     idx = [i for i in range(len(seqs)) if abs(float(seqs.temperatures[i]) - temperature) < 1e-6]
-    if limit is None or limit >= len(idx):
-        return idx
-    return [idx[int(k)] for k in np.linspace(0, len(idx) - 1, limit).round()]
+    return idx if limit is None else idx[:limit]
 
 
 def train(cfg: TrainConfig) -> HeadMetadata | None:
