@@ -6,7 +6,11 @@ from bebop_vllm.kernels.prob_math import (
     expected_accepted_length,
     residual_distribution,
 )
-from bebop_vllm.kernels.random_numbers import RejectionUniforms, draw_uniforms
+from bebop_vllm.kernels.random_numbers import (
+    RejectionUniforms,
+    draw_uniforms,
+    draw_uniforms_for_requests,
+)
 from bebop_vllm.kernels.rejection import (
     RejectionOutput,
     greedy_verify,
@@ -19,6 +23,7 @@ __all__ = [
     "RejectionUniforms",
     "acceptance_rate",
     "draw_uniforms",
+    "draw_uniforms_for_requests",
     "entropy",
     "expected_accepted_length",
     "greedy_verify",

@@ -53,3 +53,30 @@ def check_uniforms(uniforms: RejectionUniforms, total_draft_tokens: int, batch_s
                 f"uniforms.{name} must be float64 of shape ({size},), "
                 f"got {tensor.dtype} of shape {tuple(tensor.shape)}"
             )
+
+
+def draw_uniforms_for_requests(
+    num_draft_tokens: list[int],
+    device: torch.device,
+    generators: dict[int, torch.Generator] | None = None,
+) -> RejectionUniforms:
+    """Uniforms for a batch in which some requests carry their own seeded generator.
+
+    Mirrors vLLM's ``generate_uniform_probs``: one unseeded draw for everyone, then each
+    seeded request (``generators[i]``, vLLM's ``sampling_metadata.generators``) redraws its
+    own k_i acceptance uniforms and then its final uniform from its generator, so its output
+    depends only on its seed and its own inputs. The Python loop runs over seeded requests
+    only (as in vLLM); requests with k_i = 0 still draw their final uniform.
+    """
+    total = sum(num_draft_tokens)
+    uniforms = draw_uniforms(total, len(num_draft_tokens), device)
+    if generators:
+        starts = [0]
+        for k in num_draft_tokens[:-1]:
+            starts.append(starts[-1] + k)
+        for request, generator in generators.items():
+            start, k = starts[request], num_draft_tokens[request]
+            if k:
+                uniforms.accept[start:start + k].uniform_(generator=generator)
+            uniforms.final[request : request + 1].uniform_(generator=generator)
+    return uniforms

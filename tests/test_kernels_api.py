@@ -272,3 +272,16 @@ def test_fused_entry_bad_input(kwargs: dict, message: str) -> None:
     call.update(kwargs)
     with pytest.raises(ValueError, match=message):
         rejection_sample_from_logits(logits, x, ks, call.pop("temperature"), q, **call)
+
+
+def test_seeded_requests_are_reproducible_whatever_the_batch() -> None:
+    from bebop_vllm.kernels import draw_uniforms_for_requests
+
+    ks_a, ks_b = [2, 3, 0], [4, 3, 1, 0]
+    a = draw_uniforms_for_requests(ks_a, torch.device("cpu"), {1: torch.Generator().manual_seed(5)})
+    b = draw_uniforms_for_requests(ks_b, torch.device("cpu"), {1: torch.Generator().manual_seed(5)})
+    assert torch.equal(a.accept[2:5], b.accept[4:7])
+    assert torch.equal(a.final[1:2], b.final[1:2])
+    assert a.accept.dtype == torch.float64 and ((a.accept >= 0) & (a.accept < 1)).all()
+    c = draw_uniforms_for_requests(ks_a, torch.device("cpu"), {2: torch.Generator().manual_seed(5)})
+    assert c.final.shape == (3,)
