@@ -182,6 +182,9 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"bebop demo: {model}\n  heads: {heads_label}, k={args.num_speculative_tokens}, "
           f"T={args.temperature}, {args.max_tokens} new tokens per request; starting engines ...",
           flush=True)
+    from bebop_vllm.serve import ensure_cpu_kv_cache_space
+
+    ensure_cpu_kv_cache_space("1")  # two engines share the host
     ctx = mp.get_context("spawn")
     engines = {name: _Engine(ctx, name, args, model, heads) for name in ENGINES}
     try:

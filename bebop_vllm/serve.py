@@ -74,8 +74,7 @@ def serve(argv: list[str]) -> int:
     from vllm.logger import configure_logging_from_args
 
     cli_env_setup()  # what `vllm` does before parsing: spawn workers
-    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and not _has_cuda():
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"  # else vLLM's CPU memory check fails
+    ensure_cpu_kv_cache_space()
     parser = build_parser()
     args = parser.parse_args(argv)
     _resolve_model(args, parser)
@@ -87,6 +86,16 @@ def serve(argv: list[str]) -> int:
         raise BebopError(str(exc)) from None
     command.cmd(args)
     return 0
+
+
+def ensure_cpu_kv_cache_space(gib: str = "2") -> None:
+    """On CPU hosts, give vLLM an explicit KV-cache size unless the user chose one.
+
+    Without VLLM_CPU_KVCACHE_SPACE, vLLM's CPU backend reserves a fraction of *all* host memory
+    and refuses to start when other processes hold some of it.
+    """
+    if "VLLM_CPU_KVCACHE_SPACE" not in os.environ and not _has_cuda():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = gib
 
 
 def _has_cuda() -> bool:
