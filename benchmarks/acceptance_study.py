@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="whole pipeline on a few prompts and tokens (CI, < 3 min)")
     p.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (full: 8)")
+    p.add_argument("--analytic-prompts-per-domain", type=int, default=None,
+                   help="teacher-force only the first N sampled prompts per domain (default: all of them)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (full: 320)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="sampled continuation length (full: 128)")
     p.add_argument("--temperatures", default=None, help="comma-separated sweep (full: 0.3,0.5,0.7,1.0,1.3)")
@@ -154,6 +156,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         engine_temperatures=engine_temps,
         engine_configs=configs,
         engines_at_once=args.engines_at_once,
+        analytic_prompts_per_domain=args.analytic_prompts_per_domain,
         quick=q,
     )
 
@@ -495,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("[samples] cached\n[timed] cached")
 
+    if cfg.analytic_prompts_per_domain is not None:
+        keep: set[int] = set()
+        for d in cfg.domains:
+            idx = [i for i, p in enumerate(prompts) if p["domain"] == d]
+            keep |= set(idx[: cfg.analytic_prompts_per_domain])
+        samples = [s for s in samples if s["prompt_index"] in keep]
     hidden_dir = cache.dir / f"hidden-{data_key}"
     analyzer: list[Analyzer] = []
 

@@ -42,6 +42,7 @@ class StudyConfig:
     engine_temperatures: list[float]
     engine_configs: list[tuple[str, str, int]]  # (head loss, draft mode, draft tokens k) run in vLLM
     engines_at_once: int = 4
+    analytic_prompts_per_domain: int | None = None  # teacher-force only the first N prompts per domain
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
