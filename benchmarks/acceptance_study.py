@@ -468,9 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"heads: {cfg.heads} (primary {cfg.primary}); missing losses: "
           f"{[x for x in LOSS_ORDER if x not in cfg.heads]}")
 
+    # what the prompts and the sampled continuations depend on (not the heads, not the engine runs)
     data_key = cfg.key("model_dir", "domains", "prompts_per_domain", "max_prompt_tokens", "max_new_tokens",
-                       "temperatures", "seed", "engine", "engine_prompts_per_domain", "engine_max_new_tokens",
-                       "engine_temperatures", "num_depths")
+                       "temperatures", "seed")
     prompts = cache.run("prompts", data_key, lambda: select_study_prompts(cfg))
     specs = engine_specs(cfg, cfg.engine)
     timed_key = cfg.key()
