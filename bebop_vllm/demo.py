@@ -216,7 +216,7 @@ def _report(engines: dict[str, _Engine], prompts: list, texts: list[str], params
               f"{row['bebop'][0] / row['none'][0]:6.2f}x "
               f"{_fmt(spec.get('draft_acceptance_rate')):>6s} "
               f"{_fmt(spec.get('mean_acceptance_length')):>8s} "
-              f"{_fmt(spec.get('mean_target_entropy')):>6s}")
+              f"{_fmt(spec.get('mean_target_entropy')):>6s}", flush=True)
     sample = row["bebop"][1]["text"].replace("\n", " ")[:150]
     print(f"  (last bebop answer: {sample!r})")
 
