@@ -40,6 +40,8 @@ def main() -> int:
                 "train_sequences": meta["data"]["num_sequences"],
                 "train_seconds": log.get("train_seconds"),
                 "chain_positions_per_second": log.get("chain_positions_per_second"),
+                "notes": meta.get("notes", ""),
+                "first_step_train_alpha": (log.get("history") or [{}])[0].get("alpha"),
                 "peak_rss_mb": log.get("peak_rss_mb"),
             }
         )
@@ -62,16 +64,19 @@ def main() -> int:
         "",
         "| loss | "
         + " | ".join(f"alpha_{j + 1}" for j in range(g))
-        + " | E[accepted] | steps | train chains | train s |",
-        "|---|" + "---|" * g + "---|---|---|---|",
+        + " | E[accepted] | held-out seqs / chains | steps | train chains | train s |",
+        "|---|" + "---|" * g + "---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['loss']} | "
             + " | ".join(f"{a:.3f}" for a in r["alphas"])
-            + f" | {r['expected_accepted_length']:.3f} | {r['train_steps']} | {r['train_chain_positions']} "
+            + f" | {r['expected_accepted_length']:.3f} | {r['heldout_sequences']} / {r['heldout_chains']}"
+            + f" | {r['train_steps']} | {r['train_chain_positions']} "
             f"| {r['train_seconds']} |"
         )
+    lines += ["", "Training notes per head (from bebop.json):", ""]
+    lines += [f"- {r['loss']}: {r['notes']}; train-batch alpha at step 1: {r['first_step_train_alpha']}" for r in rows]
     (out / "heads_comparison.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
