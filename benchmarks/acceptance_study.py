@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="whole pipeline on a few prompts and tokens (CI, < 3 min)")
     p.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (full: 8)")
+    p.add_argument(
+        "--source", choices=["sampled", "heads-heldout"], default="sampled",
+        help="held-out sequences: 'sampled' = continuations sampled by the target at every temperature (vLLM); "
+        "'heads-heldout' = the heads' held-out set ($BEBOP_HOME/data/.../heldout, sampled at T=1) evaluated at "
+        "every temperature (cheaper: reuses its cached target hidden states; contexts stay T=1 samples)",
+    )
     p.add_argument("--analytic-prompts-per-domain", type=int, default=None,
                    help="teacher-force only the first N sampled prompts per domain (default: all of them)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="skip longer prompts (full: 320)")
@@ -157,6 +163,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         engine_configs=configs,
         engines_at_once=args.engines_at_once,
         analytic_prompts_per_domain=args.analytic_prompts_per_domain,
+        source=args.source,
         quick=q,
     )
 
@@ -170,6 +177,45 @@ def select_study_prompts(cfg: StudyConfig) -> list[dict[str, Any]]:
     tok = AutoTokenizer.from_pretrained(cfg.model_dir)
     rows = select_prompts(tok, "heldout", cfg.domains, cfg.prompts_per_domain, cfg.max_prompt_tokens)
     return [{"domain": d, "prompt_id": pid, "ids": ids} for d, pid, ids in rows]
+
+
+def heads_heldout(cfg: StudyConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The heads' held-out split as (prompts, samples at every evaluation temperature, hidden states).
+
+    Sequences were sampled once at T = 1 by ``bebop generate-data``; each is evaluated at every
+    temperature of the sweep (p and q tempered at T). Hidden states come read-only from the
+    dataset's fp16 cache when it covers the sequence."""
+    import numpy as np
+    import torch
+
+    from bebop_vllm.train.dataset import default_data_dir, load_split
+    from bebop_vllm.train.target_cache import _model_key
+
+    data_dir = default_data_dir()
+    seqs = load_split(data_dir, "heldout")
+    items = seqs.meta["items"]
+    prompts, samples, hidden = [], [], {}
+    hpath = data_dir / "heldout" / f"hidden-{_model_key(Path(cfg.model_dir))}.f16"
+    state = hpath.with_suffix(".json")
+    done = set(json.loads(state.read_text())["done"]) if state.is_file() else set()
+    arr = None
+    if hpath.is_file() and done:
+        h = int(json.loads((Path(cfg.model_dir) / "config.json").read_text())["hidden_size"])
+        arr = np.memmap(hpath, dtype=np.float16, mode="r", shape=(len(seqs.tokens), h))
+    for i in range(len(seqs)):
+        if items[i]["domain"] not in cfg.domains:
+            continue
+        toks = seqs.sequence(i).astype(int).tolist()
+        plen = int(seqs.prompt_lens[i])
+        pi = len(prompts)
+        prompts.append({"domain": items[i]["domain"], "prompt_id": items[i]["id"], "ids": toks[:plen],
+                        "sampled_temperature": float(seqs.temperatures[i])})
+        for t in cfg.temperatures:
+            samples.append({"temperature": t, "prompt_index": pi, "tokens": toks[plen:], "finish_reason": None})
+        if arr is not None and i in done:
+            hidden[json.dumps(toks)] = torch.from_numpy(
+                np.asarray(arr[seqs.offsets[i] : seqs.offsets[i + 1]], dtype=np.float32))
+    return prompts, samples, hidden
 
 
 def engine_prompts(cfg: StudyConfig, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -283,6 +329,7 @@ class Analyzer:
 
         self.cfg = cfg
         self.hidden_dir = hidden_dir
+        self.external: dict[str, Any] = {}  # token list (json) -> precomputed hidden states
         self.target = load_target_model(cfg.model_dir, torch.float32)
         self.heads = {name: load_heads(d, cfg.model_dir, dtype=torch.float32) for name, d in cfg.heads.items()}
         for h in self.heads.values():
@@ -292,6 +339,9 @@ class Analyzer:
         import torch
         from study.analytic import target_hidden
 
+        ext = self.external.get(json.dumps(tokens))
+        if ext is not None:
+            return ext
         if key is None or self.hidden_dir is None:
             return target_hidden(self.target, tokens)
         path = self._path(tokens, key)
@@ -316,7 +366,8 @@ class Analyzer:
 
         import torch
 
-        todo = [(k, c) for k, c in conts if not self._path(prompt + c, k).is_file()]
+        todo = [(k, c) for k, c in conts
+                if not self._path(prompt + c, k).is_file() and json.dumps(prompt + c) not in self.external]
         if not todo or self.hidden_dir is None:
             return
         self.hidden_dir.mkdir(parents=True, exist_ok=True)
@@ -471,10 +522,17 @@ def main(argv: list[str] | None = None) -> int:
     # what the prompts and the sampled continuations depend on (not the heads, not the engine runs)
     data_key = cfg.key("model_dir", "domains", "prompts_per_domain", "max_prompt_tokens", "max_new_tokens",
                        "temperatures", "seed")
-    prompts = cache.run("prompts", data_key, lambda: select_study_prompts(cfg))
+    external_hidden: dict[str, Any] = {}
+    if cfg.source == "heads-heldout":
+        prompts, samples, external_hidden = heads_heldout(cfg)
+        data_key = cfg.key("model_dir", "domains", "temperatures", "source")
+        print(f"[samples] heads' held-out set: {len(prompts)} sequences (sampled at T=1), "
+              f"{len(external_hidden)} with cached hidden states")
+    else:
+        prompts = cache.run("prompts", data_key, lambda: select_study_prompts(cfg))
+        samples = cache.get("samples", data_key)
     specs = engine_specs(cfg, cfg.engine)
     timed_key = cfg.key()
-    samples = cache.get("samples", data_key)
     engines = cache.get("timed", timed_key) if cfg.engine else {}
     if samples is None or engines is None:
         from study.engine import EnginePool
@@ -510,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     def get_analyzer() -> Analyzer:
         if not analyzer:
             analyzer.append(Analyzer(cfg, hidden_dir))
+            analyzer[0].external = external_hidden
         return analyzer[0]
 
     if args.only_samples:

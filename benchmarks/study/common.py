@@ -43,6 +43,7 @@ class StudyConfig:
     engine_configs: list[tuple[str, str, int]]  # (head loss, draft mode, draft tokens k) run in vLLM
     engines_at_once: int = 4
     analytic_prompts_per_domain: int | None = None  # teacher-force only the first N prompts per domain
+    source: str = "sampled"  # or "heads-heldout": the heads' T=1 held-out set evaluated at every T
     quick: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

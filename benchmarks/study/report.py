@@ -35,8 +35,11 @@ def write_markdown(s: dict[str, Any], path: Path) -> None:
         + ", ".join(f"`{k}` ({Path(v).name})" for k, v in cfg["heads"].items())
         + f"; primary head for claims 1-2: `{cfg['primary']}`. Missing losses: {meta['missing_losses'] or 'none'}. "
         f"g = {g} draft depths. {len(s['prompts'])} held-out prompts ({', '.join(cfg['domains'])}), "
-        f"continuations of ≤ {cfg['max_new_tokens']} tokens sampled by the target (vLLM, no speculation) at "
-        f"T ∈ {cfg['temperatures']}.",
+        + (f"continuations of ≤ {cfg['max_new_tokens']} tokens sampled by the target (vLLM, no speculation) at "
+           f"T ∈ {cfg['temperatures']}."
+           if cfg.get("source", "sampled") == "sampled" else
+           "the heads' held-out set (`bebop generate-data`, continuations sampled once at T = 1), each sequence "
+           f"evaluated at T ∈ {cfg['temperatures']} (p and q tempered at T; the contexts stay T = 1 samples)."),
         "",
         "**Sources.** *analytic* = teacher-forced in PyTorch on those continuations: probabilistic drafting "
         "α = Σ min(p_T, q_T), greedy drafting α = p_T(argmax q); E[τ] = 1 + Σ_j Π_{i≤j} α_i; draft acceptance "
