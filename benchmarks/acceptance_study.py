@@ -576,7 +576,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[samples] {len(samples)} continuations and their target hidden states ready in {cache.dir}")
         return 0
 
-    analytic_key = cfg.key()
+    # the analytic part does not depend on the engine runs: adding them later reuses it
+    analytic_key = cfg.key("model_dir", "heads", "primary", "domains", "prompts_per_domain", "max_prompt_tokens",
+                           "max_new_tokens", "temperatures", "compare_temperatures", "num_depths", "seed",
+                           "analytic_prompts_per_domain", "source")
     if cache.get("analytic", analytic_key) is None:
         stage_hidden(prompts, samples, get_analyzer())
     records = cache.run(
@@ -586,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     crosscheck: dict[str, Any] = {}
     if cfg.engine:
         crosscheck = cache.run(
-            "crosscheck", analytic_key, lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer)
+            "crosscheck", timed_key, lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer)
         )
 
     stage_seconds = {n: cache.seconds(n) for n in ["prompts", "samples", "timed", "analytic", "crosscheck"]}
