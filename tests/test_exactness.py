@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
+
 REPO = Path(__file__).resolve().parent.parent
 MAX_MODEL_LEN = 512
 NUM_SPEC = 3

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
+
 REPO = Path(__file__).resolve().parent.parent
 NUM_SPEC = 3
 TV_TOL = 0.03
