@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engines alive at a time (memory: ~2 GB each); every group includes no speculation")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the analytic part (default: all; 1 when the load exceeds the CPU count)")
+    p.add_argument("--analytic-budget-min", type=float, default=None,
+                   help="stop teacher-forcing new sequences after this many minutes of the run and report what is "
+                   "done (marked incomplete; a rerun continues)")
     p.add_argument("--only-samples", action="store_true",
                    help="stop after sampling the held-out continuations and computing their target hidden states "
                    "(head-independent; a later run reuses both)")
@@ -407,8 +410,10 @@ def stage_hidden(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], a
 
 
 def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: list[dict[str, Any]],
-                   analyzer_fn: Any, partial: Path) -> list[dict[str, Any]]:
-    """Teacher-forced statistics per request; resumable per sequence through ``partial`` (jsonl)."""
+                   analyzer_fn: Any, partial: Path, deadline: float | None = None,
+                   status: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Teacher-forced statistics per request; resumable per sequence through ``partial`` (jsonl).
+    Past ``deadline`` (time.time()) it stops and reports in ``status`` how far it got."""
     from tqdm import tqdm
 
     done: dict[str, list[dict[str, Any]]] = {}
@@ -424,6 +429,8 @@ def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: lis
     with partial.open("a") as f:
         for s in samples:
             key = f"{s['prompt_index']}@{s['temperature']:g}"
+            if key not in done and deadline is not None and time.time() > deadline:
+                continue
             if key not in done:
                 p = prompts[s["prompt_index"]]
                 t = s["temperature"]
@@ -441,6 +448,9 @@ def stage_analytic(cfg: StudyConfig, prompts: list[dict[str, Any]], samples: lis
                 bar.update(1)
             records.extend(done[key])
     bar.close()
+    if status is not None:
+        status["done"] = sum(1 for s in samples if f"{s['prompt_index']}@{s['temperature']:g}" in done)
+        status["total"] = len(samples)
     return records
 
 
@@ -582,10 +592,16 @@ def main(argv: list[str] | None = None) -> int:
                            "analytic_prompts_per_domain", "source")
     if cache.get("analytic", analytic_key) is None:
         stage_hidden(prompts, samples, get_analyzer())
+    deadline = t_start + 60 * args.analytic_budget_min if args.analytic_budget_min else None
+    status: dict[str, Any] = {}
     records = cache.run(
         "analytic", analytic_key,
-        lambda: stage_analytic(cfg, prompts, samples, get_analyzer, cache.dir / f"analytic-{analytic_key}.jsonl"),
+        lambda: stage_analytic(cfg, prompts, samples, get_analyzer, cache.dir / f"analytic-{analytic_key}.jsonl",
+                               deadline, status),
     )
+    if status and status["done"] < status["total"]:
+        cache.path("analytic").unlink()  # incomplete: a rerun continues from the per-sequence log
+        print(f"[analytic] budget reached: {status['done']} of {status['total']} sequences (rerun to continue)")
     crosscheck: dict[str, Any] = {}
     if cfg.engine:
         crosscheck = cache.run(
@@ -604,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "head_metadata": {k: head_metadata(v) for k, v in cfg.heads.items()},
             "missing_losses": [x for x in LOSS_ORDER if x not in cfg.heads],
+            "analytic_sequences_done": status.get("done"),
+            "analytic_sequences_total": status.get("total"),
         },
         out_dir=out,
     )

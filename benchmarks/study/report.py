@@ -46,6 +46,11 @@ def write_markdown(s: dict[str, Any], path: Path) -> None:
         "rate = (E[τ] − 1)/g (vLLM's accepted/drafted). *engine* = vLLM with the bebop method, batch 1, "
         "per-request metrics from `CompletionOutput.spec_decode_metrics`.",
         "",
+        *([f"**Incomplete run:** the analytic stage stopped at its time budget after "
+           f"{meta['analytic_sequences_done']} of {meta['analytic_sequences_total']} (sequence, temperature) items; "
+           "the numbers below cover only those.", ""]
+          if meta.get("analytic_sequences_done") is not None
+          and meta["analytic_sequences_done"] < meta["analytic_sequences_total"] else []),
         "## Verdicts",
         "",
     ]
