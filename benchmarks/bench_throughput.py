@@ -100,7 +100,9 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Command: `{res['command']}`",
         "",
-        f"Machine: {res['machine']}. Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
+        f"Machine: {res['machine']} (1/5/15-min load average when written: "
+        f"{', '.join(f'{x:.1f}' for x in res['load_average_at_write'])}). "
+        f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
         f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
         f"repeats = {cfg['repeats']} (median). Wall time: {res['wall_s']:.0f} s."
         + ("" if res["complete"] else " **Partial run: not every cell finished.**"),
@@ -243,6 +245,8 @@ def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engin
     res = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        # Other processes on the machine make tokens/s noisy: record the load it ran under.
+        "load_average_at_write": list(os.getloadavg()),
         "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "k": args.k,
                    "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts_per_domain,
                    "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines},
