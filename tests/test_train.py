@@ -138,3 +138,31 @@ def test_prompt_selection_interleaves_domains_and_skips_long_prompts() -> None:
 
     held = {p.id for p in load_prompts(["math", "code"], "heldout")}
     assert not held & {pid for _, pid, _ in select_prompts(_FakeTokenizer(), "train", ["math", "code"], None, 100_000)}
+
+
+def test_cli_trains_and_passes_its_options(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    target, data = setup
+    out = tmp_path / "cli"
+    argv = [
+        "train",
+        "--loss",
+        "tv",
+        "--out",
+        str(out),
+        "--model",
+        str(target),
+        "--data",
+        str(data),
+        "--steps",
+        "2",
+        "--max-train-sequences",
+        "3",
+        "--heldout-sequences",
+        "2",
+        "--train-on-prompts",
+        "--save-dtype",
+        "fp32",
+    ]
+    assert main(argv) == 0
+    meta = load_heads(out, target).metadata
+    assert meta.heldout.num_sequences == 2 and meta.data.num_sequences == 3 and meta.train_steps == 2

@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         seqs_per_step=args.seqs_per_step,
         max_chains_per_seq=args.max_chains_per_seq,
         max_train_sequences=args.max_train_sequences,
+        heldout_sequences=args.heldout_sequences,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         temperature=args.temperature,
