@@ -34,7 +34,9 @@ def write_markdown(s: dict[str, Any], path: Path) -> None:
         f"Target: `{Path(cfg['model_dir']).name}`. Heads: "
         + ", ".join(f"`{k}` ({Path(v).name})" for k, v in cfg["heads"].items())
         + f"; primary head for claims 1-2: `{cfg['primary']}`. Missing losses: {meta['missing_losses'] or 'none'}. "
-        f"g = {g} draft depths. {len(s['prompts'])} held-out prompts ({', '.join(cfg['domains'])}), "
+        f"g = {g} draft depths. {len(s['prompts'])} held-out prompts ({', '.join(cfg['domains'])}"
+        + (f"; the first {cfg['analytic_prompts_per_domain']} per domain teacher-forced"
+           if cfg.get("analytic_prompts_per_domain") else "") + "), "
         + (f"continuations of ≤ {cfg['max_new_tokens']} tokens sampled by the target (vLLM, no speculation) at "
            f"T ∈ {cfg['temperatures']}."
            if cfg.get("source", "sampled") == "sampled" else
