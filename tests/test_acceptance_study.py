@@ -140,8 +140,7 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     on a few prompts; a second run reuses every cached stage and writes the same results."""
     from bebop_vllm.paths import default_model_dir
 
-    if not (default_model_dir() / "config.json").is_file():
-        pytest.skip("default model not fetched (./run setup)")
+    assert (default_model_dir() / "config.json").is_file(), "default model not fetched: run ./run setup"
     cmd = [sys.executable, str(REPO / "benchmarks" / "acceptance_study.py"), "--quick", "--out", str(tmp_path)]
     t0 = time.time()
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
