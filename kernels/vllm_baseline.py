@@ -19,18 +19,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-
-def fixed_expand_batch_to_tokens(
-    x: torch.Tensor,
-    cu_num_tokens: torch.Tensor,
-    num_tokens: int,
-    replace_from: int = 0,
-    replace_to: int = 0,
-) -> torch.Tensor:
-    """Correct ``vllm.v1.sample.rejection_sampler.expand_batch_to_tokens``: ``[B]`` -> ``[num_tokens]``."""
-    counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
-    replaced = torch.where(x == replace_from, torch.as_tensor(replace_to, dtype=x.dtype), x)
-    return replaced.repeat_interleave(counts.long(), dim=0, output_size=num_tokens)
+# The one repeat_interleave replacement, shared with the plugin's patch of the same bug.
+from bebop_vllm.plugin.patches.cpu_expand_fix import expand_batch_to_tokens as fixed_expand_batch_to_tokens
 
 
 @contextlib.contextmanager
