@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bebop_vllm.errors import BebopError
 
@@ -27,6 +27,7 @@ MAX_SPECULATIVE_TOKENS = 16
 DraftSampling = Literal["probabilistic", "greedy"]
 Verifier = Literal["bebop", "vllm"]
 MetricsLevel = Literal["summary", "detailed"]
+DraftLength = Literal["fixed", "entropy"]
 
 
 class BebopSpecError(BebopError, ValueError):
@@ -61,6 +62,31 @@ class BebopOptions(BaseModel):
     metrics: MetricsLevel = Field(
         default="summary", description="Per-request speculative metrics level."
     )
+    draft_length: DraftLength = Field(
+        default="fixed",
+        description="fixed: always num_speculative_tokens drafts; entropy: per request and step, "
+        "0..num_speculative_tokens drafts chosen from the target entropy of its last verify step "
+        "(needs acceptance_fit; turns off vLLM's async scheduling).",
+    )
+    acceptance_fit: tuple[float, float] | None = Field(
+        default=None,
+        description="[a, b] of the acceptance fit alpha = a + b * entropy (nats) used by "
+        "draft_length='entropy' (benchmarks/acceptance_study.py reports it).",
+    )
+    draft_token_cost: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=10.0,
+        description="draft_length='entropy': cost of one more draft token relative to a verify "
+        "step without drafts.",
+    )
+
+    @model_validator(mode="after")
+    def _entropy_policy_needs_fit(self) -> BebopOptions:
+        if self.draft_length == "entropy" and self.acceptance_fit is None:
+            raise ValueError("draft_length='entropy' needs acceptance_fit=[a, b] (alpha = a + b * "
+                             "entropy in nats; benchmarks/acceptance_study.py reports a and b)")
+        return self
 
     def to_additional_config(self) -> dict[str, Any]:
         return self.model_dump()
@@ -73,6 +99,8 @@ def _format_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             valid = ", ".join(BebopOptions.model_fields)
             lines.append(f"unknown key {loc!r}; valid keys: {valid}")
+        elif not err["loc"]:  # a whole-model rule (model_validator)
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             field = BebopOptions.model_fields.get(str(err["loc"][0])) if err["loc"] else None
             hint = f" ({field.description})" if field is not None and field.description else ""

@@ -12,6 +12,8 @@ verifier). Every request of the module goes through those two engine starts.
   T = 0.85 samples against T = 1 ones from the plain engine. With vLLM's CPU temperature bug
   re-introduced (``BEBOP_DISABLE_PATCHES=cpu_expand_fix``) the bebop-vs-plain test fails.
 - Seeded requests are reproducible inside a mixed batch; n > 1 returns n completions.
+- ``bebop_entropy`` (a third engine, ``draft_length="entropy"``): per-request draft lengths
+  vary with the entropy, and T = 0 / T = 1 outputs are still those of plain decoding.
 
 Heads: ``$BEBOP_TEST_HEADS`` if set, else the shipped heads if present, else random heads.
 """
@@ -74,7 +76,15 @@ def _mixed_batch() -> list[dict]:
     ]
 
 
+# draft_length="entropy" with a steep fit so that the draft length really varies:
+# alpha = 1 - 0.25 H gives 3 drafts below ~1 nat and none above ~3.6 nats.
+ENTROPY_POLICY = {"draft_length": "entropy", "acceptance_fit": [1.0, -0.25], "draft_token_cost": 0.1,
+                  "metrics": "detailed"}
+
+
 def _dist_cases(engine: str) -> dict[str, dict]:
+    if engine == "bebop_entropy":
+        return {"t1": {"temperature": 1.0}}
     cases = {
         "t1": {"temperature": 1.0},
         "t07p": {"temperature": 0.7, "top_p": 0.9},
@@ -93,8 +103,10 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     from vllm import LLM, SamplingParams
 
     spec = None
-    if engine == "bebop":
+    if engine in ("bebop", "bebop_entropy"):
         spec = {"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC}
+    if engine == "bebop_entropy":
+        spec.update(ENTROPY_POLICY)
     llm = LLM(
         model=str(_model_dir()), max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
         speculative_config=spec, max_num_seqs=256,
@@ -118,6 +130,7 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
                     "token_ids": list(c.token_ids),
                     "text": c.text,
                     "finish_reason": c.finish_reason,
+                    "spec": None if c.spec_decode_metrics is None else c.spec_decode_metrics.to_dict(),
                     "logprobs": None if c.logprobs is None else [
                         {str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs
                     ],
@@ -128,6 +141,9 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     cases = _dist_cases(engine)
     if only:
         cases = {k: v for k, v in cases.items() if k in only.split(",")}
+    elif engine == "bebop_entropy":
+        run([r for r in _requests() if r["id"].startswith("greedy")])
+        lap("requests")
     else:
         run(_requests())
         lap("requests")
@@ -194,7 +210,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
         pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
     tmp = tmp_path_factory.mktemp("exactness")
     heads = _heads_dir(tmp)
-    return {"plain": _run_engine("plain", heads, tmp), "bebop": _run_engine("bebop", heads, tmp)}
+    return {name: _run_engine(name, heads, tmp) for name in ("plain", "bebop", "bebop_entropy")}
 
 
 def two_sample_chi2(a: list[int], b: list[int], min_count: int = 10) -> float:
@@ -290,6 +306,30 @@ def test_sampling_distribution_matches(results, case):
     # Also the verifier's own token with the prefix pooled (the marginal at position 2).
     p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in bebop])
     # Bonferroni over the 3 tests of this case.
+    assert min(p_values.values()) > ALPHA / 3, p_values
+
+
+@pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
+def test_entropy_draft_length_keeps_greedy_outputs(results, key):
+    assert _ids(results["bebop_entropy"], key) == _ids(results["plain"], key)
+
+
+def test_entropy_draft_length_varies_per_step(results):
+    """The policy really chose different draft counts: some steps drafted all 3, some fewer."""
+    # a request whose every step chose 0 drafts has no verify step, hence no per-step record
+    per_step = [d for i in range(len(GREEDY_PROMPTS))
+                for d in (results["bebop_entropy"][f"greedy{i}"][0]["spec"] or {}).get("per_step_drafted", [])]
+    assert per_step and max(per_step) == NUM_SPEC and min(per_step) < NUM_SPEC, per_step
+    full = [d for i in range(len(GREEDY_PROMPTS))
+            for d in (results["bebop"][f"greedy{i}"][0]["spec"] or {}).get("per_step_drafted", [])]
+    assert not full or min(full) == NUM_SPEC  # fixed length (summary level may omit per-step data)
+
+
+def test_entropy_draft_length_keeps_sampling_distribution(results):
+    plain, ent = results["plain"]["dist_t1"], results["bebop_entropy"]["dist_t1"]
+    tp, te = _verifier_tokens(plain), _verifier_tokens(ent)
+    p_values = {pos: two_sample_chi2(tp[pos], te[pos]) for pos in tp}
+    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in ent])
     assert min(p_values.values()) > ALPHA / 3, p_values
 
 

@@ -186,9 +186,22 @@ def test_engine_config_translation(registered, heads):
     assert spec.draft_sample_method == "greedy"
     assert spec.draft_model_config.architectures == ["EagleBebopMTPModel"]
     assert cfg.additional_config["bebop"] == {"method": "bebop", "model": str(heads), "num_speculative_tokens": 2,
-                                              "draft_sampling": "greedy", "verifier": "vllm", "metrics": "detailed"}
+                                              "draft_sampling": "greedy", "verifier": "vllm", "metrics": "detailed",
+                                              "draft_length": "fixed", "acceptance_fit": None,
+                                              "draft_token_cost": 0.1}
     assert cfg.observability_config.per_request_spec_decode_metrics == "detailed"
     assert not cfg.use_v2_model_runner  # our verifier lives in the V1 runner
+
+
+def test_entropy_draft_length_selects_sync_scheduling(registered, heads):
+    spec = {"method": "bebop", "model": str(heads), "draft_length": "entropy", "acceptance_fit": [0.9, -0.2]}
+    _, cfg = _engine_config(spec)
+    assert cfg.scheduler_config.async_scheduling is False  # per-request draft counts need the sync path
+    assert cfg.additional_config["bebop"]["acceptance_fit"] == (0.9, -0.2)
+    with pytest.raises(BebopSpecError, match=r"draft_length='entropy' needs synchronous scheduling"):
+        _engine_config(spec, async_scheduling=True)
+    with pytest.raises(BebopSpecError, match=r"draft_length='entropy' needs acceptance_fit=\[a, b\]"):
+        _engine_config({"method": "bebop", "model": str(heads), "draft_length": "entropy"})
 
 
 def test_non_bebop_configs_untouched(registered):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bebop_vllm.plugin.patches import (
     cpu_expand_fix,
+    draft_length,
     draft_sampling,
     metrics,
     metrics_openai,
@@ -30,6 +31,8 @@ PATCHES: list[Patch] = [
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
     *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)
+    # after metrics: its _sample wrapper reads the entropies the metrics wrapper just stored
+    *draft_length.DRAFT_LENGTH_PATCHES,  # draft_length="entropy": per-request draft counts
 ]
 
 __all__ = ["PATCHES", "Patch", "PatchError"]

@@ -4,7 +4,8 @@ Replaces ``EngineArgs.create_speculative_config`` (vllm/engine/arg_utils.py:2060
 ``SpeculativeMethod`` is a pydantic Literal and the runners reject unknown methods, so "bebop"
 never reaches vLLM: the options are validated (pydantic, heads folder checked against the target)
 and become ``method="eagle"`` + ``draft_sample_method``; the validated options travel to the
-workers in ``additional_config["bebop"]`` and set ``per_request_spec_decode_metrics``. The same
+workers in ``additional_config["bebop"]`` and set ``per_request_spec_decode_metrics``;
+``draft_length="entropy"`` also turns off async scheduling (see ``draft_length`` patch). The same
 code path serves ``LLM(...)`` and the OpenAI server (both build an ``EngineArgs``).
 """
 
@@ -78,6 +79,16 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
         "num_speculative_tokens": k,
         "draft_sample_method": opts.draft_sampling,
     }
+    if opts.draft_length == "entropy":
+        # Per-request draft lengths reach the scheduler only on the synchronous path
+        # (EngineCore.post_step -> take_draft_token_ids); async scheduling schedules the same
+        # number of placeholder drafts for every request.
+        if getattr(engine_args, "async_scheduling", None) is True:
+            from bebop_vllm.config import BebopSpecError
+
+            raise BebopSpecError("draft_length='entropy' needs synchronous scheduling; drop "
+                                 "async_scheduling=True (--async-scheduling) or use draft_length='fixed'")
+        engine_args.async_scheduling = False
     additional = dict(engine_args.additional_config or {})
     additional[ADDITIONAL_CONFIG_KEY] = opts.to_additional_config()
     engine_args.additional_config = additional
