@@ -57,7 +57,7 @@ def _wrap_sample(original: Any) -> Any:
         decided = getattr(self, _STEP_ATTR, None) or {}
         sampled = sampled_row_entropies(logits, spec_decode_metadata, self.input_batch.sampling_metadata)
         last = self.__dict__.setdefault(LAST_ENTROPY_ATTR, {})
-        for rid, h in zip(list(self.input_batch.req_ids), sampled):
+        for rid, h in zip(list(self.input_batch.req_ids), sampled, strict=False):  # one row per request
             values = [*decided.get(rid, []), h]
             last[rid] = sum(values) / len(values)
         return output
@@ -77,7 +77,7 @@ def _wrap_take(original: Any) -> Any:
         fit, cost, max_k = policy
         last = self.__dict__.setdefault(LAST_ENTROPY_ATTR, {})
         trimmed = []
-        for rid, drafts in zip(result.req_ids, result.draft_token_ids):
+        for rid, drafts in zip(result.req_ids, result.draft_token_ids, strict=True):
             k = choose_draft_length(last.get(rid), fit, max_k, cost)
             trimmed.append(list(drafts)[:k])
         # forget finished requests (ids not in this batch)
