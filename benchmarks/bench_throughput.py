@@ -8,6 +8,13 @@ in rotating order so slow drifts of machine load hit all engines alike):
 - ``vllm-prob``   same, vLLM's probabilistic drafts (temperature only)
 - ``bebop``       method "bebop": drafts from the request distribution, our verifier
 
+Optional bebop variants (entropy-aware draft length against fixed lengths, same run):
+
+- ``bebop-k<N>``    bebop with num_speculative_tokens = N instead of ``--k``
+- ``bebop-sync``    bebop, k = ``--k``, synchronous scheduling (what ``bebop-entropy`` runs with)
+- ``bebop-entropy`` bebop, ``draft_length="entropy"`` with ``--acceptance-fit`` (0..k drafts per
+  request and step)
+
 vLLM's CPU temperature bug is fixed for all engines (the plugin's ``cpu_expand_fix`` patch is
 process-wide), so the comparison is fair. Cells: temperature x batch size x domain. Batch 1
 runs the domain's prompts one request at a time; batch B sends B requests in one
@@ -35,16 +42,23 @@ from typing import Any
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
 
 
-def _spec_config(engine: str, heads: str, k: int) -> dict[str, Any] | None:
+def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None = None) -> dict[str, Any] | None:
     if engine == "none":
         return None
-    if engine == "bebop":
+    if engine == "bebop" or engine == "bebop-sync":
         return {"method": "bebop", "model": heads, "num_speculative_tokens": k}
+    if engine.startswith("bebop-k"):
+        return {"method": "bebop", "model": heads, "num_speculative_tokens": int(engine.removeprefix("bebop-k"))}
+    if engine == "bebop-entropy":
+        if not policy:
+            raise SystemExit("engine bebop-entropy needs --acceptance-fit A,B")
+        return {"method": "bebop", "model": heads, "num_speculative_tokens": k, "draft_length": "entropy", **policy}
     return {"method": "eagle", "model": heads, "num_speculative_tokens": k,
             "draft_sample_method": "greedy" if engine == "vllm-greedy" else "probabilistic"}
 
 
-def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, conn: Any) -> None:
+def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, conn: Any,
+            dtype: str = "auto", policy: dict[str, Any] | None = None) -> None:
     """Holds one engine; answers ("run", prompts, params) with (seconds, tokens, accepted stats)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
@@ -52,8 +66,10 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, con
     kwargs: dict[str, Any] = {}
     if engine != "none":
         kwargs["per_request_spec_decode_metrics"] = "summary"
-    llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=True, seed=0,
-              speculative_config=_spec_config(engine, heads, k), **kwargs)
+    if engine == "bebop-sync":
+        kwargs["async_scheduling"] = False
+    llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=True, seed=0, dtype=dtype,
+              speculative_config=_spec_config(engine, heads, k, policy), **kwargs)
     # Warm-up (first calls allocate / compile lazily).
     llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)
     conn.send("ready")
@@ -95,6 +111,8 @@ def _render_prompts(model: str, domains: list[str], per_domain: int, max_prompt_
 
 def _markdown(res: dict[str, Any]) -> str:
     cfg = res["config"]
+    engines = cfg["engines"]
+    others = [e for e in engines if e != "none"]
     lines = [
         "# Throughput: no speculation vs vLLM's speculative path vs bebop",
         "",
@@ -104,28 +122,32 @@ def _markdown(res: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.1f}' for x in res['load_average_at_write'])}). "
         f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
         f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
-        f"repeats = {cfg['repeats']} (median). Wall time: {res['wall_s']:.0f} s."
+        f"repeats = {cfg['repeats']} (median), dtype = {cfg.get('dtype', 'auto')}"
+        + (f", entropy policy {cfg['entropy_policy']}" if cfg.get("entropy_policy") else "")
+        + f". Wall time: {res['wall_s']:.0f} s."
         + ("" if res["complete"] else " **Partial run: not every cell finished.**"),
         "",
         "tokens/s (ratio to no speculation in the same cell) · mean accepted length (tokens per verify step)",
         "",
-        "| T | batch | domain | " + " | ".join(ENGINES) + " |",
-        "|---|---|---|" + "---|" * len(ENGINES),
+        "| T | batch | domain | " + " | ".join(engines) + " |",
+        "|---|---|---|" + "---|" * len(engines),
     ]
     for cell in res["cells"]:
         row = [f"{cell['temperature']}", str(cell["batch"]), cell["domain"]]
-        for e in ENGINES:
+        for e in engines:
             r = cell["engines"][e]
             s = f"{r['tok_s']:.1f}"
             if e != "none":
-                s += f" ({r['ratio']:.2f}x) · {r['mean_accepted_len']:.2f}"
+                ratio = "" if r["ratio"] is None else f" ({r['ratio']:.2f}x)"
+                acc = "" if r["mean_accepted_len"] is None else f" · {r['mean_accepted_len']:.2f}"
+                s += ratio + acc
             row.append(s)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Geometric-mean ratio to no speculation per (T, batch), over domains:", ""]
-    lines += ["| T | batch | " + " | ".join(ENGINES[1:]) + " |", "|---|---|" + "---|" * (len(ENGINES) - 1)]
+    lines += ["| T | batch | " + " | ".join(others) + " |", "|---|---|" + "---|" * len(others)]
     for key, ratios in res["summary"].items():
         t, b = key.split("|")
-        lines.append(f"| {t} | {b} | " + " | ".join(f"{ratios[e]:.2f}x" for e in ENGINES[1:]) + " |")
+        lines.append(f"| {t} | {b} | " + " | ".join(f"{ratios[e]:.2f}x" for e in others) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024, help="engine max_model_len")
     ap.add_argument("--engines", default=",".join(ENGINES), help="subset of engines to run")
     ap.add_argument("--out", default="benchmarks/results/throughput", help="output path prefix (.json/.md)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="engine compute dtype for every engine (auto: the model's, bf16)")
+    ap.add_argument("--acceptance-fit", default=None,
+                    help="A,B of alpha = A + B * entropy (nats) for engine bebop-entropy (from the acceptance study)")
+    ap.add_argument("--draft-token-cost", type=float, default=0.1,
+                    help="bebop-entropy: relative cost of one more draft token (default 0.1)")
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
@@ -155,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     engines = [e for e in args.engines.split(",") if e]
+    known = set(ENGINES) | {"bebop-sync", "bebop-entropy"}
+    bad = [e for e in engines if e not in known and not (e.startswith("bebop-k") and e[7:].isdigit())]
+    if bad:
+        ap.error(f"unknown engine(s) {bad}; choose from {sorted(known)} or bebop-k<N>")
+    policy = None
+    if args.acceptance_fit:
+        a, b = (float(x) for x in args.acceptance_fit.split(","))
+        policy = {"acceptance_fit": [a, b], "draft_token_cost": args.draft_token_cost}
+    args.entropy_policy = policy
+    if "bebop-entropy" in engines and policy is None:
+        ap.error("engine bebop-entropy needs --acceptance-fit A,B")
     heads_kind = "given"
     heads = args.heads
     if heads is None:
@@ -181,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     workers: dict[str, tuple[Any, Any]] = {}
     for e in engines:  # start one at a time: start-up is CPU-heavy
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(e, args.model, heads, args.k, args.max_model_len, child), daemon=True)
+        proc = ctx.Process(target=_worker, daemon=True,
+                           args=(e, args.model, heads, args.k, args.max_model_len, child, args.dtype, policy))
         proc.start()
         print(f"starting engine {e} ...", file=sys.stderr, flush=True)
         if parent.recv() != "ready":
@@ -249,7 +289,8 @@ def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engin
         "load_average_at_write": list(os.getloadavg()),
         "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "k": args.k,
                    "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts_per_domain,
-                   "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines},
+                   "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines,
+                   "dtype": args.dtype, "entropy_policy": args.entropy_policy},
         "wall_s": time.perf_counter() - t_start,
         "complete": len(cells) == planned,
         "cells": cells,
@@ -258,8 +299,7 @@ def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engin
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    if engines == list(ENGINES):
-        out.with_suffix(".md").write_text(_markdown(res))
+    out.with_suffix(".md").write_text(_markdown(res))
 
 
 if __name__ == "__main__":

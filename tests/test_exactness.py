@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from heads_under_test import heads_under_test
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 
@@ -181,15 +182,7 @@ def _model_dir() -> Path:
 
 
 def _heads_dir(tmp: Path) -> str:
-    from bebop_vllm.paths import SHIPPED_HEADS_DIR
-
-    if os.environ.get("BEBOP_TEST_HEADS"):
-        return os.environ["BEBOP_TEST_HEADS"]
-    if (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
-        return str(SHIPPED_HEADS_DIR)
-    from bebop_vllm.heads import init_random_heads
-
-    return str(init_random_heads(_model_dir(), tmp / "random_heads", num_depths=NUM_SPEC, seed=0))
+    return heads_under_test(tmp, NUM_SPEC)
 
 
 def _run_engine(engine: str, heads: str, tmp: Path) -> dict:

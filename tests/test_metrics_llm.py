@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from heads_under_test import heads_under_test
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_SPEC = 3
@@ -36,15 +37,7 @@ pytestmark = pytest.mark.slow
 
 
 def _heads_dir(tmp: Path) -> str:
-    from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
-
-    if os.environ.get("BEBOP_TEST_HEADS"):
-        return os.environ["BEBOP_TEST_HEADS"]
-    if (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
-        return str(SHIPPED_HEADS_DIR)
-    from bebop_vllm.heads import init_random_heads
-
-    return str(init_random_heads(default_model_dir(), tmp / "heads", num_depths=NUM_SPEC, seed=0))
+    return heads_under_test(tmp, NUM_SPEC)
 
 
 def _engine_main(heads: str, out: str) -> None:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+from heads_under_test import heads_under_test
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_SPEC = 3
@@ -42,15 +43,7 @@ def _free_port() -> int:
 
 
 def _heads_dir(tmp: Path) -> str:
-    from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
-
-    if os.environ.get("BEBOP_TEST_HEADS"):
-        return os.environ["BEBOP_TEST_HEADS"]
-    if (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
-        return str(SHIPPED_HEADS_DIR)
-    from bebop_vllm.heads import init_random_heads
-
-    return str(init_random_heads(default_model_dir(), tmp / "heads", num_depths=NUM_SPEC, seed=0))
+    return heads_under_test(tmp, NUM_SPEC)
 
 
 def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:

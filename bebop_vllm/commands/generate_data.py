@@ -49,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="split(s) to generate (default: heldout then train); repeatable",
     )
     p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="vLLM compute dtype (default: bfloat16, what serving uses; float32 is faster on CPUs "
+        "without native bf16, e.g. AVX2-only)",
+    )
+    p.add_argument(
         "--chunk",
         type=int,
         default=48,
@@ -82,5 +89,6 @@ def run(args: argparse.Namespace) -> int:
         tuple(args.split or ("heldout", "train")),
         args.chunk,
         args.engine,
+        args.dtype,
     )
     return 0

@@ -167,6 +167,7 @@ def generate_data(
     splits: tuple[str, ...] = ("heldout", "train"),
     chunk: int = 48,
     engine: str = "vllm",
+    dtype: str = "bfloat16",
 ) -> dict[str, SequenceSet]:
     """Generate the held-out and train splits into ``out_dir`` (one vLLM engine for both)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -186,7 +187,7 @@ def generate_data(
         # (with the default budget it took ~400 s on 2 busy cores)
         llm = LLM(
             model=str(model_dir),
-            dtype="bfloat16",
+            dtype=dtype,
             max_model_len=max_len,
             seed=seed,
             enable_prefix_caching=False,
