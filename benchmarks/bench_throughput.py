@@ -10,10 +10,10 @@ in rotating order so slow drifts of machine load hit all engines alike):
 
 Optional bebop variants (entropy-aware draft length against fixed lengths, same run):
 
-- ``bebop-k<N>``    bebop with num_speculative_tokens = N instead of ``--k``
-- ``bebop-sync``    bebop, k = ``--k``, synchronous scheduling (what ``bebop-entropy`` runs with)
-- ``bebop-entropy`` bebop, ``draft_length="entropy"`` with ``--acceptance-fit`` (0..k drafts per
-  request and step)
+- ``bebop-k<N>``       bebop with num_speculative_tokens = N instead of ``--k``
+- ``bebop[-k<N>]-sync`` the same with synchronous scheduling (what ``bebop-entropy`` runs with)
+- ``bebop-entropy``     bebop, ``draft_length="entropy"`` with ``--acceptance-fit`` (0..k drafts
+  per request and step)
 
 vLLM's CPU temperature bug is fixed for all engines (the plugin's ``cpu_expand_fix`` patch is
 process-wide), so the comparison is fair. Cells: temperature x batch size x domain. Batch 1
@@ -33,6 +33,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -40,15 +41,15 @@ from pathlib import Path
 from typing import Any
 
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
+BEBOP_FIXED = re.compile(r"bebop(?:-k(\d+))?(-sync)?")  # bebop, bebop-k2, bebop-sync, bebop-k2-sync
 
 
 def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None = None) -> dict[str, Any] | None:
     if engine == "none":
         return None
-    if engine == "bebop" or engine == "bebop-sync":
-        return {"method": "bebop", "model": heads, "num_speculative_tokens": k}
-    if engine.startswith("bebop-k"):
-        return {"method": "bebop", "model": heads, "num_speculative_tokens": int(engine.removeprefix("bebop-k"))}
+    fixed = BEBOP_FIXED.fullmatch(engine)
+    if fixed:
+        return {"method": "bebop", "model": heads, "num_speculative_tokens": int(fixed.group(1) or k)}
     if engine == "bebop-entropy":
         if not policy:
             raise SystemExit("engine bebop-entropy needs --acceptance-fit A,B")
@@ -66,7 +67,7 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, con
     kwargs: dict[str, Any] = {}
     if engine != "none":
         kwargs["per_request_spec_decode_metrics"] = "summary"
-    if engine == "bebop-sync":
+    if engine.endswith("-sync"):
         kwargs["async_scheduling"] = False
     llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=True, seed=0, dtype=dtype,
               speculative_config=_spec_config(engine, heads, k, policy), **kwargs)
@@ -183,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     engines = [e for e in args.engines.split(",") if e]
-    known = set(ENGINES) | {"bebop-sync", "bebop-entropy"}
-    bad = [e for e in engines if e not in known and not (e.startswith("bebop-k") and e[7:].isdigit())]
+    known = {*ENGINES, "bebop-entropy"}
+    bad = [e for e in engines if e not in known and not BEBOP_FIXED.fullmatch(e)]
     if bad:
-        ap.error(f"unknown engine(s) {bad}; choose from {sorted(known)} or bebop-k<N>")
+        ap.error(f"unknown engine(s) {bad}; choose from {sorted(known)}, bebop-k<N>, bebop[-k<N>]-sync")
     policy = None
     if args.acceptance_fit:
         a, b = (float(x) for x in args.acceptance_fit.split(","))
