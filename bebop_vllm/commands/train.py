@@ -77,6 +77,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         default=None,
         help="stop training after this many minutes, then run the final eval and save (default: none)",
     )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the weights of this heads folder (e.g. CE heads, then fine-tune with --loss e2e-tv) "
+        "instead of the warm start from the target's last layer (default: warm start)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run (resume later)")
     return p
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         time_budget_min=args.time_budget_min,
         train_on_prompts=args.train_on_prompts,
         stop_after=args.stop_after,
+        init_from=args.init_from,
     )
     meta = train(cfg)
     if meta is None:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from bebop_vllm.errors import BebopError
-from bebop_vllm.heads.checkpoint import new_head, save_heads
+from bebop_vllm.heads.checkpoint import load_heads, new_head, save_heads
 from bebop_vllm.heads.metadata import DataProvenance, HeadMetadata, HeldoutMetrics, tokenizer_fingerprint
 from bebop_vllm.heads.target import read_target_config
 from bebop_vllm.train import losses
@@ -59,6 +59,7 @@ class TrainConfig:
     train_on_prompts: bool = False  # also train chains inside the prompt (target p is exact there too)
     time_budget_min: float | None = None  # end training (then final eval + save) after this many minutes
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
+    init_from: Path | None = None  # heads folder to start from instead of the warm start
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -114,7 +115,12 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         held_idx[int(k)] for k in np.linspace(0, len(held_idx) - 1, min(cfg.eval_sequences, len(held_idx))).round()
     ]
 
-    head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True)
+    if cfg.init_from is not None:  # e.g. CE heads fine-tuned with the e2e-TV loss
+        head = load_heads(cfg.init_from, cfg.model_dir)
+        init_note = f"initialised from {cfg.init_from} (loss {head.metadata.loss}, {head.metadata.train_steps} steps); "
+    else:
+        head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True)
+        init_note = ""
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state_path = cfg.out_dir / "train_state.pt"
     step, tokens_seen, history = 0, 0, []
@@ -205,7 +211,7 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         f"E[accepted length] {final.expected_accepted_length:.3f}"
     )
     meta = _metadata(cfg, train_set, train_idx, step, tokens_seen, final)
-    meta.notes = (
+    meta.notes = init_note + (
         f"trained by `bebop train` in {train_seconds:.0f} s; {(tokens_seen - tokens_at_start) / train_seconds:.1f} "
         f"chain positions/s; peak RSS {peak_rss_mb:.0f} MB; train_on_prompts={cfg.train_on_prompts}; "
         f"lr {cfg.lr}, {cfg.seqs_per_step} sequences x <= {cfg.max_chains_per_seq} chains per step"
