@@ -15,6 +15,9 @@ from typing import Any
 from bebop_vllm.paths import REPO_ROOT
 
 LOSS_ORDER = ("e2e-tv", "ce", "kl", "tv", "hybrid")
+# Heads made by fine-tuning (``bebop train --init-from``): CE heads trained further with e2e-TV,
+# and the control with the same extra budget spent on CE.
+FINETUNE_ORDER = ("ce-then-e2e-tv", "ce-then-ce")
 HEADS_ROOT = REPO_ROOT / "heads"
 HEAD_PREFIX = "smollm2-135m-"
 MODES = ("probabilistic", "greedy")
@@ -100,9 +103,10 @@ class StageCache:
 
 
 def discover_heads(root: Path = HEADS_ROOT) -> dict[str, Path]:
-    """Shipped heads by loss: ``heads/smollm2-135m-<loss>/`` folders that hold a complete checkpoint."""
+    """Shipped heads by loss (and the fine-tunes): ``heads/smollm2-135m-<name>/`` folders that hold a
+    complete checkpoint."""
     out: dict[str, Path] = {}
-    for loss in LOSS_ORDER:
+    for loss in (*LOSS_ORDER, *FINETUNE_ORDER):
         d = root / f"{HEAD_PREFIX}{loss}"
         if all((d / f).is_file() for f in ("model.safetensors", "config.json", "bebop.json")):
             out[loss] = d

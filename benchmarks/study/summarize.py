@@ -11,7 +11,7 @@ import numpy as np
 from scipy import stats as sps
 
 from study import fits, plots
-from study.common import MODES, StudyConfig
+from study.common import FINETUNE_ORDER, LOSS_ORDER, MODES, StudyConfig
 from study.report import write_markdown
 
 # Verdict thresholds, stated in the report next to each verdict.
@@ -110,8 +110,17 @@ def claim3(comparison: dict[str, Any], available: list[str], ours: str = "e2e-tv
         + "; ".join(cells)
         + f". Rule: confirmed if every CI is above 0; partly if some are. Missing heads: {missing or 'none'}."
     )
+    finetune = []
+    for t, res in comparison.items():
+        gst = res["gains"].get(f"{FINETUNE_ORDER[0]}_vs_{FINETUNE_ORDER[1]}", {}).get("acceptance_probabilistic")
+        if gst:
+            lo, hi = gst["ci95"]
+            finetune.append(f"T={t}: {100 * gst['gain']:+.1f}% (95% CI {100 * lo:+.1f}…{100 * hi:+.1f}%)")
+    if finetune:
+        why += (" Fine-tuning CE heads with e2e-TV vs the same extra steps of CE (not part of the verdict): "
+                + "; ".join(finetune) + ".")
     return {"verdict": verdict, "why": why, "wins": wins, "significant_losses": losses_, "cells": n,
-            "missing": missing}
+            "missing": missing, "finetune": finetune}
 
 
 def _agg(timed: list[dict[str, Any]]) -> tuple[float, float, dict[tuple[int, float], float]]:
@@ -265,7 +274,12 @@ def summarize(
     efits = fits.entropy_fits(records, cfg.primary, cfg.domains)
     sweep = fits.temperature_sweep(records, cfg.primary, cfg.temperatures)
     comparison = fits.loss_comparison(records, heads, cfg.compare_temperatures, cfg.num_depths,
-                                      baseline_heads=tuple(h for h in heads if h != "e2e-tv"))
+                                      baseline_heads=tuple(h for h in heads if h in LOSS_ORDER and h != "e2e-tv"))
+    if all(h in heads for h in FINETUNE_ORDER):  # same extra budget on a CE start: e2e-TV vs more CE
+        finetune = fits.loss_comparison(records, heads, cfg.compare_temperatures, cfg.num_depths,
+                                        baseline_heads=(FINETUNE_ORDER[1],), ours=FINETUNE_ORDER[0])
+        for t, res in finetune.items():
+            comparison[t]["gains"].update(res["gains"])
     pred = fits.predictor(records, cfg.primary, cfg.domains)
     curves = fits.binned_curves(records, cfg.primary)
     tput = throughput_rows(engines) if cfg.engine else []
