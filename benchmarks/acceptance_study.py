@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study.common import LOSS_ORDER, MODES, StageCache, StudyConfig, discover_heads, head_metadata  # noqa: E402
 
+from bebop_vllm.paths import SHIPPED_HEADS_DIR  # noqa: E402
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "study"
 
 
@@ -52,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heads", action="append", default=[], metavar="LOSS=DIR",
         help="a head folder per loss (repeatable); default: every heads/smollm2-135m-<loss>/ in the repo",
     )
-    p.add_argument("--primary", default="e2e-tv", help="head used for claims 1, 2 and the predictor (if it exists)")
+    p.add_argument("--primary", default=SHIPPED_HEADS_DIR.name.removeprefix("smollm2-135m-"),
+                   help="head used for claims 1, 2, 4 and the predictor, if it exists (default: the shipped heads, "
+                   f"{SHIPPED_HEADS_DIR.name})")
     p.add_argument("--quick", action="store_true", help="whole pipeline on a few prompts and tokens (CI, < 3 min)")
     p.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
     p.add_argument("--prompts-per-domain", type=int, default=None, help="held-out prompts per domain (full: 8)")
