@@ -54,10 +54,22 @@ class StudyConfig:
         """Hash of the named fields (all fields when none are named): the stage cache key."""
         d = asdict(self)
         d.pop("extra", None)
+        # heads are named by path: add their content, so retrained heads never reuse stale stages
+        d["heads"] = {name: [path, _heads_fingerprint(path)] for name, path in d["heads"].items()}
         if names:
             d = {n: d[n] for n in names}
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _heads_fingerprint(path: str | Path) -> str:
+    """sha256 of a heads folder's weights and metadata (empty string when missing)."""
+    h = hashlib.sha256()
+    for name in ("model.safetensors", "bebop.json"):
+        f = Path(path) / name
+        if f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 class StageCache:
