@@ -26,9 +26,8 @@ from typing import Any
 import torch
 
 from bebop_vllm.kernels.prob_math import entropy
+from bebop_vllm.kernels.sampling_operator import effective_temperature
 
-# vllm/v1/sample/sampler.py:19 _SAMPLING_EPS: below this temperature a request is greedy.
-_GREEDY_EPS = 1e-5
 # vllm/v1/sample/rejection_sampler.py PLACEHOLDER_TOKEN_ID: padding of the verifier output.
 PLACEHOLDER_TOKEN_ID = -1
 
@@ -47,8 +46,7 @@ def fallback_draft_entropy(logits: torch.Tensor, metadata: Any, sampling_metadat
         # repeat_interleave, not vLLM's expand_batch_to_tokens: broken on CPU in 0.32 (DESIGN.md §3).
         return None if values is None else values[: len(num_draft)].repeat_interleave(reps, dim=0)
 
-    temperature = per_token(sampling_metadata.temperature).float()
-    temperature = torch.where(temperature < _GREEDY_EPS, torch.ones_like(temperature), temperature)
+    temperature = effective_temperature(per_token(sampling_metadata.temperature))
     scaled = apply_top_k_top_p(target / temperature[:, None], per_token(sampling_metadata.top_k),
                                per_token(sampling_metadata.top_p))
     return entropy(torch.softmax(scaled, dim=-1))

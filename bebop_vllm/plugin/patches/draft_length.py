@@ -27,7 +27,6 @@ from bebop_vllm.plugin.patches.base import Patch
 POLICY_ATTR = "_bebop_draft_policy"
 # Runner attribute: {req_id: mean entropy (nats) of its last step}.
 LAST_ENTROPY_ATTR = "_bebop_last_entropy"
-_GREEDY_EPS = 1e-5  # vllm/v1/sample/sampler.py _SAMPLING_EPS
 
 
 def sampled_row_entropies(logits: Any, spec_decode_metadata: Any, sampling_metadata: Any) -> list[float]:
@@ -35,14 +34,13 @@ def sampled_row_entropies(logits: Any, spec_decode_metadata: Any, sampling_metad
     import torch
 
     from bebop_vllm.kernels.prob_math import entropy
+    from bebop_vllm.kernels.sampling_operator import effective_temperature
 
     rows = logits if spec_decode_metadata is None else logits[spec_decode_metadata.bonus_logits_indices]
     rows = rows.float()
     temperature = sampling_metadata.temperature
     if temperature is not None and not sampling_metadata.all_greedy:
-        t = temperature[: rows.shape[0]].float()
-        t = torch.where(t < _GREEDY_EPS, torch.ones_like(t), t)
-        rows = rows / t[:, None]
+        rows = rows / effective_temperature(temperature[: rows.shape[0]])[:, None]
     return entropy(torch.softmax(rows, dim=-1)).tolist()
 
 

@@ -22,7 +22,6 @@ from bebop_vllm.plugin.patches.base import Patch
 UPSTREAM = "vllm/v1/spec_decode/llm_base_proposer.py:450 SpecDecodeBaseProposer._sample_from_logits (vLLM 0.32.0)"
 # Set on the drafter by the model-runner patch when the engine runs bebop probabilistic drafting.
 BEBOP_FLAG = "_bebop_request_distribution_drafts"
-_SAMPLING_EPS = 1e-5  # vllm/v1/sample/sampler.py's threshold for "temperature == 0"
 
 
 def request_distribution_sample(
@@ -34,11 +33,13 @@ def request_distribution_sample(
     """
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
+    from bebop_vllm.kernels.sampling_operator import effective_temperature, is_greedy_temperature
+
     logits = logits.float()
     temperature = sampling_metadata.temperature
     assert temperature is not None and temperature.shape[0] == logits.shape[0], "one row per request"
-    is_greedy = temperature < _SAMPLING_EPS
-    logits = logits / torch.where(is_greedy, torch.ones_like(temperature), temperature).unsqueeze(-1)
+    is_greedy = is_greedy_temperature(temperature)
+    logits = logits / effective_temperature(temperature).unsqueeze(-1)
     logits = apply_top_k_top_p(logits, sampling_metadata.top_k, sampling_metadata.top_p)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     noise = torch.empty_like(probs)
