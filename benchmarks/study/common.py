@@ -48,6 +48,7 @@ class StudyConfig:
     analytic_prompts_per_domain: int | None = None  # teacher-force only the first N prompts per domain
     source: str = "sampled"  # or "heads-heldout": the heads' T=1 held-out set evaluated at every T
     quick: bool = False
+    dtype: str = "bfloat16"  # vLLM engines' dtype (sampling and timed runs)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self, *names: str) -> str:

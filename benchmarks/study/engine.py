@@ -59,8 +59,8 @@ def _worker(spec: dict[str, Any], log_path: str, conn: Any) -> None:
 
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = dict(
-            model=spec["model"], dtype="bfloat16", max_model_len=spec["max_model_len"], seed=spec["seed"],
-            enforce_eager=True, enable_prefix_caching=False,
+            model=spec["model"], dtype=spec.get("dtype", "bfloat16"), max_model_len=spec["max_model_len"],
+            seed=spec["seed"], enforce_eager=True, enable_prefix_caching=False,
         )
         if spec.get("speculative_config"):
             kwargs["speculative_config"] = spec["speculative_config"]
