@@ -6,6 +6,11 @@ wildly in length, temperature, n, endpoint and streaming, so a leak between requ
 the bounds); and the OpenAI view must agree with Prometheus ``/metrics`` — bebop's counters
 (fed from the same records) and, independently, vLLM's own scheduler-side counters.
 
+The three views on the *same* requests: greedy prompts (deterministic drafts and verification)
+sent one at a time to the server (completions, streamed completions, chat) and, in a separate
+process, to ``LLM.generate`` / ``LLM.chat`` with the same engine settings — every per-request
+record must be the same, and Prometheus must move by exactly their sum.
+
 Heads: ``$BEBOP_TEST_HEADS``, else the shipped heads, else random heads (acceptance is then
 low, which is fine: the plumbing is what is under test).
 """
@@ -62,7 +67,8 @@ def server(tmp_path_factory):
     spec = {"method": "bebop", "model": _heads_dir(tmp), "num_speculative_tokens": NUM_SPEC}
     cmd = [sys.executable, "-m", "bebop_vllm.cli", "serve", str(default_model_dir()),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smol",
-           "--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16", "--seed", "0",
+           "--max-model-len", str(SERVER_ENGINE["max_model_len"]), "--enforce-eager",
+           "--dtype", SERVER_ENGINE["dtype"], "--seed", str(SERVER_ENGINE["seed"]),
            "--speculative-config", json.dumps(spec),
            "--per-request-spec-decode-metrics", "detailed", "--uvicorn-log-level", "warning"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
@@ -84,9 +90,12 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"server not healthy after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
             time.sleep(1.0)
-        yield base
+        yield {"base": base, "heads": spec["model"]}
     finally:
         _stop(proc)
+
+
+SERVER_ENGINE = dict(dtype="bfloat16", max_model_len=512, enforce_eager=True, seed=0)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -186,6 +195,7 @@ def _scrape(base: str) -> dict[str, float]:
 def load_run(server):
     from openai import AsyncOpenAI
 
+    server = server["base"]
     async def run_all() -> tuple[list[dict], float]:
         client = AsyncOpenAI(base_url=f"{server}/v1", api_key="none", timeout=REQUEST_TIMEOUT_S,
                              max_retries=0)
@@ -243,6 +253,7 @@ def _check_consistent(spec: dict, max_tokens: int, length: int | None, req: dict
 
 
 def test_prometheus_agrees_with_responses(server, load_run):
+    server = server["base"]
     specs = [c["spec"] for res in load_run["results"] for c in res["choices"].values()]
     want: dict[str, float] = {
         "bebop:spec_decode_num_sequences_total": len(specs),
@@ -269,3 +280,94 @@ def test_prometheus_agrees_with_responses(server, load_run):
     got_sum = after["bebop:spec_decode_target_entropy_nats_sum"] - before.get(
         "bebop:spec_decode_target_entropy_nats_sum", 0.0)
     assert got_sum == pytest.approx(entropy_sum, rel=1e-6, abs=1e-6)
+
+
+# -- the three views on the same requests ------------------------------------------------------
+# (kind, text, max_tokens): greedy, so drafts, verification and therefore every count are
+# deterministic; one request at a time on both sides, so batching cannot change the numerics.
+SAME_REQUESTS = [
+    ("completion", "The three primary colours are", 24),
+    ("completion-stream", "def fibonacci(n):", 20),
+    ("chat", "Name two planets of the solar system.", 16),
+]
+
+
+def _server_view(base: str, kind: str, text: str, max_tokens: int) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    common = dict(model="smol", max_tokens=max_tokens, temperature=0.0,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    if kind == "chat":
+        data = client.chat.completions.create(messages=[{"role": "user", "content": text}], **common).model_dump()
+        choice = data["choices"][0]
+        return {"ids": choice["token_ids"], "spec": choice["speculative_decoding"]}
+    if kind == "completion":
+        data = client.completions.create(prompt=text, **common).model_dump()
+        choice = data["choices"][0]
+        return {"ids": choice["token_ids"], "spec": choice["speculative_decoding"]}
+    ids, spec = [], None
+    for chunk in client.completions.create(prompt=text, stream=True, **common):
+        for c in chunk.model_dump().get("choices") or []:
+            ids += c.get("token_ids") or []
+            if c.get("finish_reason") is not None:
+                spec = c.get("speculative_decoding")
+    return {"ids": ids, "spec": spec}
+
+
+def _llm_view_main(heads: str, out: str) -> None:
+    """Run as a script: the same requests through ``LLM.generate`` / ``LLM.chat``."""
+    from vllm import LLM, SamplingParams
+
+    from bebop_vllm.paths import default_model_dir
+
+    llm = LLM(model=str(default_model_dir()), per_request_spec_decode_metrics="detailed",
+              speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC},
+              **SERVER_ENGINE)
+    views = []
+    for kind, text, max_tokens in SAME_REQUESTS:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        if kind == "chat":
+            (req,) = llm.chat([{"role": "user", "content": text}], params, use_tqdm=False)
+        else:
+            (req,) = llm.generate([text], params, use_tqdm=False)
+        c = req.outputs[0]
+        views.append({"ids": list(c.token_ids), "spec": c.spec_decode_metrics.to_dict()})
+    Path(out).write_text(json.dumps(views))
+
+
+def test_llm_openai_and_prometheus_agree_on_the_same_requests(server, load_run, tmp_path):
+    base = server["base"]
+    out = tmp_path / "llm_view.json"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    llm_proc = subprocess.Popen([sys.executable, __file__, server["heads"], str(out)], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the server side, meanwhile (load_run is a dependency so its Prometheus deltas stay its own)
+    before = _scrape(base)
+    served = [_server_view(base, *req) for req in SAME_REQUESTS]
+    time.sleep(1.0)  # vLLM records its step stats just after answering
+    after = _scrape(base)
+    log, _ = llm_proc.communicate(timeout=900)
+    assert llm_proc.returncode == 0, log[-5000:]
+    offline = json.loads(out.read_text())
+    for req, srv, llm in zip(SAME_REQUESTS, served, offline, strict=True):
+        assert srv["ids"] == llm["ids"], req  # same greedy tokens first, else counts could not match
+        s, o = _set(srv["spec"]), _set(llm["spec"])
+        assert s.keys() == o.keys(), (req, s.keys() ^ o.keys())
+        for key in s:
+            if "entropy" in key and s[key] is not None:
+                assert s[key] == pytest.approx(o[key], rel=1e-5, abs=1e-6), (req, key)
+            else:
+                assert s[key] == o[key], (req, key)
+        assert s["num_spec_steps"] > 0 and len(s["per_step_accepted"]) == s["num_spec_steps"], req
+    specs = [_set(v["spec"]) for v in served]
+    for pos in range(NUM_SPEC):
+        for name, field in (("accepted", "num_accepted_tokens_per_pos"), ("draft", "num_draft_tokens_per_pos")):
+            metric = f"bebop:spec_decode_num_{name}_tokens_per_pos_total[{pos}]"
+            assert after[metric] - before.get(metric, 0.0) == sum(s[field][pos] for s in specs), metric
+    count = "bebop:spec_decode_target_entropy_nats_count"
+    assert after[count] - before.get(count, 0.0) == sum(s["num_entropy_tokens"] for s in specs)
+
+
+if __name__ == "__main__":
+    _llm_view_main(sys.argv[1], sys.argv[2])
