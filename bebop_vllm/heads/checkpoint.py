@@ -36,12 +36,13 @@ def expected_tensor_shapes(shape: HeadShape) -> dict[str, tuple[int, ...]]:
     """Every tensor a head checkpoint must hold, with its shape (the fixed format contract)."""
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     nq, nkv = shape.num_attention_heads * d, shape.num_key_value_heads * d
-    return {
+    qwen = {"layer.self_attn.q_norm.weight": (d,), "layer.self_attn.k_norm.weight": (d,)} if shape.is_qwen3_5 else {}
+    return qwen | {
         "enorm.weight": (h,),
         "hnorm.weight": (h,),
         "fc.weight": (h, 2 * h),
         "layer.input_layernorm.weight": (h,),
-        "layer.self_attn.q_proj.weight": (nq, h),
+        "layer.self_attn.q_proj.weight": (2 * nq if shape.is_qwen3_5 else nq, h),  # Qwen3.5: query + gate
         "layer.self_attn.k_proj.weight": (nkv, h),
         "layer.self_attn.v_proj.weight": (nkv, h),
         "layer.self_attn.o_proj.weight": (h, nq),
@@ -180,10 +181,15 @@ def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = Fal
     with torch.no_grad():
         for name, p in head.named_parameters():
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                p.fill_(0.0 if head.shape.is_qwen3_5 else 1.0)  # the identity either way
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-        if warm_start:
+        if warm_start and head.shape.is_qwen3_5:
+            # Qwen3.5 ships a trained MTP module: start from it (layer 0, shared fc and norms)
+            from bebop_vllm.heads.native_mtp import native_mtp_to_head
+
+            head.load_state_dict(native_mtp_to_head(target_model_dir, head.shape))
+        elif warm_start:
             last = int(tcfg["num_hidden_layers"]) - 1
             names = {
                 n: f"model.layers.{last}.{n[len('layer.') :]}"

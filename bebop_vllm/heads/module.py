@@ -10,6 +10,17 @@ target hidden state and the drafted token feeds the embedding.
 
 The decoder layer is written out here (not borrowed from transformers) because training needs
 a custom attention pattern (``unroll``) that reproduces vLLM's draft KV cache exactly.
+
+Two layer kinds, chosen by the target (``HeadShape.layer_kind``):
+
+- ``llama``: a Llama decoder layer; served by our ``BebopMTPModel`` (method "bebop"), which feeds
+  the pre-``norm`` residual ``r`` to the next depth.
+- ``qwen3_5``: the layer of Qwen3.5's native MTP module (``mtp.*`` in its checkpoints; vLLM
+  ``qwen3_5_mtp.py``): zero-centred RMSNorms (``x̂ · (1 + w)``), a gated attention (``q_proj``
+  emits query and gate per head, output ``· sigmoid(gate)``), per-head q/k RMSNorms and RoPE on
+  the first ``partial_rotary_factor`` of each head. Such heads replace the target's native MTP
+  weights (``bebop export-mtp``) and run under vLLM's own method "mtp", whose proposer feeds the
+  *normed* output ``norm(r)`` to the next depth; ``next_hidden`` follows that.
 """
 
 from __future__ import annotations
@@ -37,14 +48,28 @@ class HeadShape:
     vocab_size: int
     rms_norm_eps: float
     rope_theta: float
+    layer_kind: str = "llama"  # or "qwen3_5" (see the module docstring)
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_qwen3_5(self) -> bool:
+        return self.layer_kind == "qwen3_5"
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> HeadShape:
         arch = (cfg.get("architectures") or ["?"])[0]
-        if cfg.get("model_type") != "llama":
+        model_type = cfg.get("model_type")
+        if model_type in QWEN3_5_MODEL_TYPES:
+            return cls._from_qwen3_5(cfg.get("text_config") or cfg)
+        if model_type != "llama":
             raise BebopError(
-                f"bebop heads support Llama-family targets (model_type 'llama'); this target has "
-                f"model_type {cfg.get('model_type')!r} ({arch})"
+                f"bebop heads support Llama-family targets (model_type 'llama') and dense Qwen3.5 "
+                f"targets (model_type {' or '.join(map(repr, QWEN3_5_MODEL_TYPES))}); this target has "
+                f"model_type {model_type!r} ({arch})"
             )
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise BebopError("bebop heads expect a Llama layer with silu MLP and no attention/MLP biases")
@@ -65,19 +90,54 @@ class HeadShape:
             rope_theta=float(theta),
         )
 
+    @classmethod
+    def _from_qwen3_5(cls, cfg: dict[str, Any]) -> HeadShape:
+        """A dense Qwen3.5 text config (``Qwen3_5TextConfig``): the shape of its native MTP layer."""
+        if cfg.get("num_experts"):
+            raise BebopError("bebop heads support dense Qwen3.5 targets; this config has MoE layers (num_experts)")
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias"):
+            raise BebopError("bebop heads expect a Qwen3.5 layer with silu MLP and no attention biases")
+        rope = cfg.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise BebopError(f"bebop heads support the default RoPE only; the target uses {rope.get('rope_type')!r}")
+        h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        return cls(
+            hidden_size=h,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_attention_heads=n,
+            num_key_value_heads=int(cfg.get("num_key_value_heads", n)),
+            head_dim=int(cfg.get("head_dim") or h // n),
+            vocab_size=int(cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            layer_kind="qwen3_5",
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+        )
+
+
+QWEN3_5_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm (computed in fp32, as transformers and vLLM do)."""
+    """RMSNorm computed in fp32, as transformers and vLLM do. Llama: ``w · x̂`` (w starts at 1);
+    ``zero_centered`` (Qwen3.5): ``(1 + w) · x̂`` in fp32 (w starts at 0)."""
 
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, zero_centered: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(size) if zero_centered else torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
+
+
+def make_norm(s: HeadShape, size: int | None = None) -> RMSNorm:
+    return RMSNorm(size or s.hidden_size, s.rms_norm_eps, zero_centered=s.is_qwen3_5)
 
 
 def rope_cos_sin(
@@ -91,29 +151,52 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, L, d]; cos/sin [B, L, d]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """x [B, heads, L, d]; cos/sin [B, L, r] with r <= d: the first r dims rotate, the rest pass."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    return torch.cat([x_rot * cos[:, None] + rotated * sin[:, None], x_pass], dim=-1)
 
 
 class Attention(nn.Module):
     def __init__(self, s: HeadShape) -> None:
         super().__init__()
         self.s = s
-        self.q_proj = nn.Linear(s.hidden_size, s.num_attention_heads * s.head_dim, bias=False)
+        # Qwen3.5: q_proj emits [query | gate] per head (the checkpoint's layout)
+        q_out = s.num_attention_heads * s.head_dim * (2 if s.is_qwen3_5 else 1)
+        self.q_proj = nn.Linear(s.hidden_size, q_out, bias=False)
         self.k_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, bias=False)
         self.v_proj = nn.Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, bias=False)
         self.o_proj = nn.Linear(s.num_attention_heads * s.head_dim, s.hidden_size, bias=False)
+        if s.is_qwen3_5:
+            self.q_norm = make_norm(s, s.head_dim)
+            self.k_norm = make_norm(s, s.head_dim)
+
+    def _query_and_gate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query [B, L, heads, d] and (Qwen3.5) the output gate [B, L, heads * d]."""
+        b, n, _ = x.shape
+        s = self.s
+        if not s.is_qwen3_5:
+            return self.q_proj(x).view(b, n, s.num_attention_heads, s.head_dim), None
+        q, gate = self.q_proj(x).view(b, n, s.num_attention_heads, 2 * s.head_dim).chunk(2, dim=-1)
+        return q, gate.reshape(b, n, -1)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output gate for layer input ``x`` (normed) [B, L, H]; None for Llama."""
+        return self._query_and_gate(x)[1]
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated q and k, and v, each [B, num_attention_heads, L, d] (kv heads repeated for GQA)."""
         b, n, _ = x.shape
         s = self.s
-        q = self.q_proj(x).view(b, n, s.num_attention_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, s.num_key_value_heads, s.head_dim).transpose(1, 2)
+        q, _ = self._query_and_gate(x)
+        k = self.k_proj(x).view(b, n, s.num_key_value_heads, s.head_dim)
+        if s.is_qwen3_5:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, n, s.num_key_value_heads, s.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(positions, s.head_dim, s.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, s.rotary_dim, s.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = s.num_attention_heads // s.num_key_value_heads
         return q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -131,13 +214,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One Llama decoder layer, split around attention so callers choose the attention pattern."""
+    """One decoder layer (Llama or Qwen3.5 full-attention), split around attention so callers
+    choose the attention pattern."""
 
     def __init__(self, s: HeadShape) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.input_layernorm = make_norm(s)
         self.self_attn = Attention(s)
-        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(s)
         self.mlp = MLP(s)
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,7 +230,11 @@ class DecoderLayer(nn.Module):
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual stream after attention output ``attn`` [B, heads, L, d] and the MLP."""
         b, _, n, _ = attn.shape
-        x = x + self.self_attn.o_proj(attn.transpose(1, 2).reshape(b, n, -1))
+        out = attn.transpose(1, 2).reshape(b, n, -1)
+        gate = self.self_attn.gate(self.input_layernorm(x)) if self.self_attn.s.is_qwen3_5 else None
+        if gate is not None:  # recomputed from x (cheap next to attention; keeps qkv's signature)
+            out = out * torch.sigmoid(gate)
+        x = x + self.self_attn.o_proj(out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -167,11 +255,11 @@ class BebopMTPHead(nn.Module):
         super().__init__()
         self.shape = shape
         h = shape.hidden_size
-        self.enorm = RMSNorm(h, shape.rms_norm_eps)
-        self.hnorm = RMSNorm(h, shape.rms_norm_eps)
+        self.enorm = make_norm(shape)
+        self.hnorm = make_norm(shape)
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.layer = DecoderLayer(shape)
-        self.norm = RMSNorm(h, shape.rms_norm_eps)
+        self.norm = make_norm(shape)
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)
         self.register_buffer("lm_head_weight", torch.empty(0), persistent=False)
 
@@ -200,6 +288,12 @@ class BebopMTPHead(nn.Module):
         self._need_target()
         x = self.norm(residual)
         return x @ self.lm_head_weight.to(x.dtype).T
+
+    def next_hidden(self, residual: torch.Tensor) -> torch.Tensor:
+        """What depth j hands depth j + 1 in place of the target's hidden state: the residual
+        ``r`` (bebop's proposer) or, for Qwen3.5 native MTP, ``norm(r)`` (vLLM's method "mtp"
+        feeds back the model's single, normed output)."""
+        return self.norm(residual) if self.shape.is_qwen3_5 else residual
 
     def fuse(self, token_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat([self.enorm(token_embeds), self.hnorm(hidden.to(token_embeds.dtype))], dim=-1))
@@ -238,7 +332,7 @@ class BebopMTPHead(nn.Module):
         window_outs: list[torch.Tensor] = []
         for j in range(2, num_depths + 1):
             # depth j at p consumes depth j-1 of the same chain, which sits at p-1
-            prev = outs[0][:, max(s - 1, 0) : n - 1] if j == 2 else window_outs[-1][:, :-1]
+            prev = self.next_hidden(outs[0][:, max(s - 1, 0) : n - 1] if j == 2 else window_outs[-1][:, :-1])
             hidden = torch.cat([torch.zeros_like(prev[:, : (n - s) - prev.shape[1]]), prev], dim=1)
             x = self.fuse(emb[:, s:], hidden)
             q, k, v = self.layer.qkv(x, pos.expand(b, n - s))

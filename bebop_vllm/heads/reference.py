@@ -32,7 +32,7 @@ def draft_chain_probs(
     softmax(logits / temperature) as vLLM's probabilistic drafter computes them.
 
     As in vLLM: one pass writes the entries (x_{p+1}, h_p) at positions p = 0..n-1 (the
-    query at n-1 gives depth 1); depth j + 1 then runs (d_j, r_j) at position n - 1 + j,
+    query at n-1 gives depth 1); depth j + 1 then runs (d_j, head.next_hidden(r_j)) at position n - 1 + j,
     attending to every cached entry at a position <= its own.
     """
     n = len(token_ids) - 1
@@ -44,7 +44,7 @@ def draft_chain_probs(
     r = head.step(ids[1 : n + 1], target_hidden[:n].to(dtype), torch.arange(n), cache)[-1:]
     probs = [torch.softmax(head.logits(r).float() / temperature, dim=-1)[0]]
     for j, d in enumerate(draft_token_ids, start=1):
-        r = head.step(torch.tensor([d]), r, torch.tensor([n - 1 + j]), cache)
+        r = head.step(torch.tensor([d]), head.next_hidden(r), torch.tensor([n - 1 + j]), cache)
         probs.append(torch.softmax(head.logits(r).float() / temperature, dim=-1)[0])
     return torch.stack(probs)
 
