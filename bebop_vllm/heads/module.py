@@ -63,12 +63,17 @@ class HeadShape:
     def from_hf_config(cls, cfg: dict[str, Any]) -> HeadShape:
         arch = (cfg.get("architectures") or ["?"])[0]
         model_type = cfg.get("model_type")
+        if model_type == "qwen3_5":
+            raise BebopError(
+                "this is a composite Qwen3.5 (vision-language) checkpoint; bebop heads need its text model "
+                "(a Qwen3_5ForCausalLM folder, model_type 'qwen3_5_text', with the mtp.* tensors)"
+            )
         if model_type in QWEN3_5_MODEL_TYPES:
-            return cls._from_qwen3_5(cfg.get("text_config") or cfg)
+            return cls._from_qwen3_5(cfg)
         if model_type != "llama":
             raise BebopError(
                 f"bebop heads support Llama-family targets (model_type 'llama') and dense Qwen3.5 "
-                f"targets (model_type {' or '.join(map(repr, QWEN3_5_MODEL_TYPES))}); this target has "
+                f"text targets (model_type 'qwen3_5_text'); this target has "
                 f"model_type {model_type!r} ({arch})"
             )
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
