@@ -58,9 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="head used for claims 1, 2, 4 and the predictor, if it exists (default: the shipped heads, "
                    f"{SHIPPED_HEADS_DIR.name})")
     p.add_argument(
-        "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-        help="dtype of the vLLM engines (sampling and timed runs). bfloat16 is the model's own; on CPUs "
-        "without bf16 instructions (AVX2 only) float32 decodes ~3x faster",
+        "--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="dtype of the vLLM engines (sampling and timed runs). auto: bfloat16 (the model's own) on "
+        "CUDA or CPUs with bf16 instructions (avx512_bf16 / amx_bf16), else float32, which decodes ~3x "
+        "faster than emulated bf16 on AVX2-only CPUs; the report records the dtype used",
     )
     p.add_argument("--quick", action="store_true", help="whole pipeline on a few prompts and tokens (CI, < 3 min)")
     p.add_argument("--domains", default="math,code,agentic", help="comma-separated prompt domains")
@@ -109,6 +110,7 @@ def _floats(s: str) -> list[float]:
 
 def build_config(args: argparse.Namespace) -> StudyConfig:
     from bebop_vllm.errors import BebopError
+    from bebop_vllm.hardware import fast_engine_dtype
     from bebop_vllm.paths import default_model_dir
 
     model_dir = (args.model or default_model_dir()).expanduser().resolve()
@@ -177,7 +179,7 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
         analytic_prompts_per_domain=args.analytic_prompts_per_domain,
         source=args.source,
         quick=q,
-        dtype=args.dtype,
+        dtype=fast_engine_dtype() if args.dtype == "auto" else args.dtype,
     )
 
 

@@ -123,3 +123,12 @@ def test_bebop_help_runs_as_a_console_script() -> None:
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     for name in SUBCOMMANDS:
         assert name in out.stdout
+
+
+def test_fast_engine_dtype_follows_the_cpus_bf16_flags() -> None:
+    from bebop_vllm.hardware import cpu_has_bf16
+
+    assert cpu_has_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_has_bf16("flags\t: fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_bf16("flags\t: fpu sse avx2 fma\n")  # AVX2-only: bf16 is emulated
+    assert not cpu_has_bf16("")
