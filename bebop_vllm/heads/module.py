@@ -68,43 +68,23 @@ class HeadShape:
                 "this is a composite Qwen3.5 (vision-language) checkpoint; bebop heads need its text model "
                 "(a Qwen3_5ForCausalLM folder, model_type 'qwen3_5_text', with the mtp.* tensors)"
             )
-        if model_type in QWEN3_5_MODEL_TYPES:
-            return cls._from_qwen3_5(cfg)
-        if model_type != "llama":
+        if model_type == "qwen3_5_text":
+            if cfg.get("num_experts"):
+                raise BebopError("bebop heads support dense Qwen3.5 targets; this config has MoE layers (num_experts)")
+            kind, biases = "qwen3_5", cfg.get("attention_bias")
+        elif model_type == "llama":
+            kind, biases = "llama", cfg.get("attention_bias") or cfg.get("mlp_bias")
+        else:
             raise BebopError(
                 f"bebop heads support Llama-family targets (model_type 'llama') and dense Qwen3.5 "
-                f"text targets (model_type 'qwen3_5_text'); this target has "
-                f"model_type {model_type!r} ({arch})"
+                f"text targets (model_type 'qwen3_5_text'); this target has model_type {model_type!r} ({arch})"
             )
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise BebopError("bebop heads expect a Llama layer with silu MLP and no attention/MLP biases")
+        if cfg.get("hidden_act", "silu") != "silu" or biases:
+            raise BebopError(f"bebop heads expect a {kind} layer with silu MLP and no attention/MLP biases")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise BebopError(f"bebop heads support the default RoPE only; the target uses rope_type {rope_type!r}")
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        return cls(
-            hidden_size=h,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_attention_heads=n,
-            num_key_value_heads=int(cfg.get("num_key_value_heads", n)),
-            head_dim=int(cfg.get("head_dim") or h // n),
-            vocab_size=int(cfg["vocab_size"]),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-        )
-
-    @classmethod
-    def _from_qwen3_5(cls, cfg: dict[str, Any]) -> HeadShape:
-        """A dense Qwen3.5 text config (``Qwen3_5TextConfig``): the shape of its native MTP layer."""
-        if cfg.get("num_experts"):
-            raise BebopError("bebop heads support dense Qwen3.5 targets; this config has MoE layers (num_experts)")
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias"):
-            raise BebopError("bebop heads expect a Qwen3.5 layer with silu MLP and no attention biases")
-        rope = cfg.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise BebopError(f"bebop heads support the default RoPE only; the target uses {rope.get('rope_type')!r}")
         h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         return cls(
             hidden_size=h,
@@ -115,7 +95,7 @@ class HeadShape:
             vocab_size=int(cfg["vocab_size"]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            layer_kind="qwen3_5",
+            layer_kind=kind,
             partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
         )
 
