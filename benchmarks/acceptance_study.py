@@ -1,6 +1,7 @@
 """Reproduce the Bebop paper's findings on our model (issue 6): one command, resumable.
 
-    .venv/bin/python benchmarks/acceptance_study.py            # the full study (~25 min on 2 cores)
+    .venv/bin/python benchmarks/acceptance_study.py            # the full study (41 min on 2 AVX2 cores)
+    .venv/bin/python benchmarks/acceptance_study.py --report-only   # rewrite study.md from study.json
     .venv/bin/python benchmarks/acceptance_study.py --quick    # the whole pipeline on a few prompts (CI)
 
 Two measurement sources, labelled everywhere:
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--analytic-budget-min", type=float, default=None,
                    help="stop teacher-forcing new sequences after this many minutes of the run and report what is "
                    "done (marked incomplete; a rerun continues)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite OUT/study.md from OUT/study.json (no computation; e.g. after a report change)")
     p.add_argument("--only-samples", action="store_true",
                    help="stop after sampling the held-out continuations and computing their target hidden states "
                    "(head-independent; a later run reuses both)")
@@ -515,6 +518,16 @@ def _engine_entropy(spec: dict[str, Any]) -> float | None:
 # -- main ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        from study.report import write_markdown
+
+        study_json = args.out / "study.json"
+        if not study_json.is_file():
+            print(f"error: {study_json} not found: run the study first", file=sys.stderr)
+            return 2
+        write_markdown(json.loads(study_json.read_text()), args.out / "study.md")
+        print(f"wrote {args.out / 'study.md'} from {study_json}")
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -139,7 +139,8 @@ def write_markdown(s: dict[str, Any], path: Path) -> None:
                      "mean actual E[τ]"], rows)
     lines += ["", "![predictor](predictor.png)", ""]
     dl = s.get("draft_length_policy") or {}
-    lines += ["## Beyond the paper — entropy-aware draft length (estimate, not an engine option yet)", ""]
+    lines += ["## Beyond the paper — entropy-aware draft length (analytic estimate; the engine option "
+              "`draft_length=\"entropy\"` is timed by benchmarks/bench_throughput.py)", ""]
     if dl.get("available"):
         lines += [
             "Relative cost of a verify step with k drafts (measured: fixed-k engines, seconds per step ÷ the "
