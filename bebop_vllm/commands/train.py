@@ -13,7 +13,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         description="Train a Bebop MTP head on the target's self-distillation data (`bebop generate-data`). "
         "The frozen target supplies hidden states (cached once per dataset) and tempered distributions; "
         "held-out prompts are used for evaluation only. Writes a head folder (model.safetensors, config.json, "
-        "bebop.json with held-out metrics) to --out.",
+        "bebop.json with held-out metrics) to --out. Targets: Llama-family models (heads served by "
+        "method 'bebop'; warm start from the target's last layer) and dense Qwen3.5 text models "
+        "(heads of Qwen3.5's own MTP layer kind, warm-started from the target's native mtp.* weights; "
+        "put them in place with `bebop export-mtp` and serve with method 'mtp').",
     )
     p.add_argument(
         "--loss",
