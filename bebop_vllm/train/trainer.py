@@ -4,7 +4,8 @@ The target is frozen: its post-norm final hidden states are cached once per data
 (``target_cache``), its tempered distributions are recomputed per batch from them without
 grad. The head starts from the target's LAST decoder layer and final norm (``new_head(...,
 warm_start=True)``): the head is then "one more layer" over the target's features, which
-trains much faster than a random layer; the fc (2H -> H) starts random.
+trains much faster than a random layer; the fc (2H -> H) starts random. A Qwen3.5 target
+ships a trained MTP module (``mtp.*``): the head starts as that module instead.
 """
 
 from __future__ import annotations
