@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "prompts": "prompts",
     "generate-data": "generate_data",
     "train": "train",
+    "draft-vocab": "draft_vocab",
     "export-mtp": "export_mtp",
 }
 

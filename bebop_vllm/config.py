@@ -81,6 +81,14 @@ class BebopOptions(BaseModel):
         "step without drafts.",
     )
 
+    draft_vocab_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Draft only among the N most frequent tokens of the heads' training data "
+        "(draft_vocab.json in the heads folder, `bebop draft-vocab`): the draft lm_head shrinks by "
+        "V/N; sampling stays exact. Default: the full vocabulary.",
+    )
+
     @model_validator(mode="after")
     def _entropy_policy_needs_fit(self) -> BebopOptions:
         if self.draft_length == "entropy" and self.acceptance_fit is None:

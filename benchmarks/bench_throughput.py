@@ -14,6 +14,8 @@ Optional bebop variants (entropy-aware draft length against fixed lengths, same 
 - ``bebop[-k<N>]-sync`` the same with synchronous scheduling (what ``bebop-entropy`` runs with)
 - ``bebop-entropy``     bebop, ``draft_length="entropy"`` with ``--acceptance-fit`` (0..k drafts
   per request and step)
+- ``...-v<N>``          any bebop engine with ``draft_vocab_size=N`` (drafts among the heads'
+  N most frequent tokens, ``draft_vocab.json``), e.g. ``bebop-v4096``, ``bebop-k1-v4096``
 
 vLLM's CPU temperature bug is fixed for all engines (the plugin's ``cpu_expand_fix`` patch is
 process-wide), so the comparison is fair. Cells: temperature x batch size x domain. Batch 1
@@ -41,19 +43,23 @@ from pathlib import Path
 from typing import Any
 
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
-BEBOP_FIXED = re.compile(r"bebop(?:-k(\d+))?(-sync)?")  # bebop, bebop-k2, bebop-sync, bebop-k2-sync
+# bebop, bebop-k2, bebop-sync, bebop-k2-sync, bebop-entropy, bebop-v4096, bebop-k1-v4096-sync, ...
+BEBOP_ENGINE = re.compile(r"bebop(?:-k(?P<k>\d+))?(?P<entropy>-entropy)?(?:-v(?P<vocab>\d+))?(?P<sync>-sync)?")
 
 
 def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None = None) -> dict[str, Any] | None:
     if engine == "none":
         return None
-    fixed = BEBOP_FIXED.fullmatch(engine)
-    if fixed:
-        return {"method": "bebop", "model": heads, "num_speculative_tokens": int(fixed.group(1) or k)}
-    if engine == "bebop-entropy":
-        if not policy:
-            raise SystemExit("engine bebop-entropy needs --acceptance-fit A,B")
-        return {"method": "bebop", "model": heads, "num_speculative_tokens": k, "draft_length": "entropy", **policy}
+    m = BEBOP_ENGINE.fullmatch(engine)
+    if m:
+        spec: dict[str, Any] = {"method": "bebop", "model": heads, "num_speculative_tokens": int(m["k"] or k)}
+        if m["entropy"]:
+            if not policy:
+                raise SystemExit(f"engine {engine} needs --acceptance-fit A,B")
+            spec.update(draft_length="entropy", **policy)
+        if m["vocab"]:
+            spec["draft_vocab_size"] = int(m["vocab"])
+        return spec
     return {"method": "eagle", "model": heads, "num_speculative_tokens": k,
             "draft_sample_method": "greedy" if engine == "vllm-greedy" else "probabilistic"}
 
@@ -184,17 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     engines = [e for e in args.engines.split(",") if e]
-    known = {*ENGINES, "bebop-entropy"}
-    bad = [e for e in engines if e not in known and not BEBOP_FIXED.fullmatch(e)]
+    bad = [e for e in engines if e not in ENGINES and not BEBOP_ENGINE.fullmatch(e)]
     if bad:
-        ap.error(f"unknown engine(s) {bad}; choose from {sorted(known)}, bebop-k<N>, bebop[-k<N>]-sync")
+        ap.error(f"unknown engine(s) {bad}; choose from {list(ENGINES)} or "
+                 "bebop[-k<N>][-entropy][-v<N>][-sync]")
     policy = None
     if args.acceptance_fit:
         a, b = (float(x) for x in args.acceptance_fit.split(","))
         policy = {"acceptance_fit": [a, b], "draft_token_cost": args.draft_token_cost}
     args.entropy_policy = policy
-    if "bebop-entropy" in engines and policy is None:
-        ap.error("engine bebop-entropy needs --acceptance-fit A,B")
+    needs_policy = [e for e in engines if (m := BEBOP_ENGINE.fullmatch(e)) and m["entropy"]]
+    if needs_policy and policy is None:
+        ap.error(f"engine(s) {needs_policy} need --acceptance-fit A,B")
     heads_kind = "given"
     heads = args.heads
     if heads is None:

@@ -14,6 +14,9 @@ verifier). Every request of the module goes through those two engine starts.
 - Seeded requests are reproducible inside a mixed batch; n > 1 returns n completions.
 - ``bebop_entropy`` (a third engine, ``draft_length="entropy"``): per-request draft lengths
   vary with the entropy, and T = 0 / T = 1 outputs are still those of plain decoding.
+- ``bebop_vocab`` (a fourth engine, ``draft_vocab_size``): the heads draft among a small
+  vocabulary (the ~100 tokens of a short text, so most of the target's mass lies outside it);
+  T = 0 / T = 1 outputs are still those of plain decoding.
 
 Heads: ``$BEBOP_TEST_HEADS`` if set, else the shipped heads if present, else random heads.
 """
@@ -83,8 +86,30 @@ ENTROPY_POLICY = {"draft_length": "entropy", "acceptance_fit": [1.0, -0.25], "dr
                   "metrics": "detailed"}
 
 
+# a draft vocabulary far smaller than the model's: the tokens of this text
+VOCAB_TEXT = " ".join([*GREEDY_PROMPTS, DIST_PROMPT]) + (
+    " there lived an old man who had a little house by the river and every day he went to the"
+    " market to sell his bread, and the people of the town loved him because he was kind.")
+
+
+def _write_test_draft_vocab(heads: str, out: Path) -> tuple[str, int]:
+    """A copy of ``heads`` with a draft vocabulary made of VOCAB_TEXT's tokens."""
+    import shutil
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from bebop_vllm.draft_vocab import write_draft_vocab
+
+    shutil.copytree(heads, out)
+    tok = AutoTokenizer.from_pretrained(str(_model_dir()))
+    counts = np.bincount(tok(VOCAB_TEXT)["input_ids"], minlength=tok.vocab_size).astype(np.int64)
+    write_draft_vocab(out, counts, np.zeros_like(counts), {"text": "tests/test_exactness.py VOCAB_TEXT"})
+    return str(out), int((counts > 0).sum())
+
+
 def _dist_cases(engine: str) -> dict[str, dict]:
-    if engine == "bebop_entropy":
+    if engine in ("bebop_entropy", "bebop_vocab"):
         return {"t1": {"temperature": 1.0}}
     cases = {
         "t1": {"temperature": 1.0},
@@ -104,10 +129,13 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     from vllm import LLM, SamplingParams
 
     spec = None
-    if engine in ("bebop", "bebop_entropy"):
+    if engine in ("bebop", "bebop_entropy", "bebop_vocab"):
         spec = {"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC}
     if engine == "bebop_entropy":
         spec.update(ENTROPY_POLICY)
+    if engine == "bebop_vocab":
+        spec.update(draft_vocab_size=len(json.loads((Path(heads) / "draft_vocab.json").read_text())["ids"]),
+                    metrics="detailed")
     llm = LLM(
         model=str(_model_dir()), max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
         speculative_config=spec, max_num_seqs=256,
@@ -142,7 +170,7 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     cases = _dist_cases(engine)
     if only:
         cases = {k: v for k, v in cases.items() if k in only.split(",")}
-    elif engine == "bebop_entropy":
+    elif engine in ("bebop_entropy", "bebop_vocab"):
         run([r for r in _requests() if r["id"].startswith("greedy")])
         lap("requests")
     else:
@@ -203,7 +231,10 @@ def results(tmp_path_factory) -> dict[str, dict]:
         pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
     tmp = tmp_path_factory.mktemp("exactness")
     heads = _heads_dir(tmp)
-    return {name: _run_engine(name, heads, tmp) for name in ("plain", "bebop", "bebop_entropy")}
+    vocab_heads, _ = _write_test_draft_vocab(heads, tmp / "vocab-heads")
+    out = {name: _run_engine(name, heads, tmp) for name in ("plain", "bebop", "bebop_entropy")}
+    out["bebop_vocab"] = _run_engine("bebop_vocab", vocab_heads, tmp)
+    return out
 
 
 def two_sample_chi2(a: list[int], b: list[int], min_count: int = 10) -> float:
@@ -324,6 +355,28 @@ def test_entropy_draft_length_keeps_sampling_distribution(results):
     p_values = {pos: two_sample_chi2(tp[pos], te[pos]) for pos in tp}
     p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in ent])
     assert min(p_values.values()) > ALPHA / 3, p_values
+
+
+@pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
+def test_draft_vocab_keeps_greedy_outputs(results, key):
+    assert _ids(results["bebop_vocab"], key) == _ids(results["plain"], key)
+
+
+def test_draft_vocab_keeps_sampling_distribution(results):
+    """Drafts restricted to ~100 tokens (q = 0 elsewhere): rejection sampling stays exact."""
+    plain, voc = results["plain"]["dist_t1"], results["bebop_vocab"]["dist_t1"]
+    tp, tv = _verifier_tokens(plain), _verifier_tokens(voc)
+    p_values = {pos: two_sample_chi2(tp[pos], tv[pos]) for pos in tp}
+    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in voc])
+    assert min(p_values.values()) > ALPHA / 3, p_values
+
+
+def test_draft_vocab_still_drafts_and_accepts(results):
+    outs = [results["bebop_vocab"][f"greedy{i}"][0] for i in range(len(GREEDY_PROMPTS))]
+    # a request that ends after its first token (EOS) never reaches a verify step
+    longer = [o["spec"] for o in outs if len(o["token_ids"]) > 1]
+    assert longer and all(s["num_draft_tokens"] > 0 for s in longer), [o["spec"] for o in outs]
+    assert sum(s["num_accepted_draft_tokens"] for s in longer) > 0  # the prompts' own tokens get drafted
 
 
 if __name__ == "__main__":

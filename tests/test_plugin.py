@@ -188,7 +188,7 @@ def test_engine_config_translation(registered, heads):
     assert cfg.additional_config["bebop"] == {"method": "bebop", "model": str(heads), "num_speculative_tokens": 2,
                                               "draft_sampling": "greedy", "verifier": "vllm", "metrics": "detailed",
                                               "draft_length": "fixed", "acceptance_fit": None,
-                                              "draft_token_cost": 0.1}
+                                              "draft_token_cost": 0.1, "draft_vocab_size": None}
     assert cfg.observability_config.per_request_spec_decode_metrics == "detailed"
     assert not cfg.use_v2_model_runner  # our verifier lives in the V1 runner
 
@@ -202,6 +202,31 @@ def test_entropy_draft_length_selects_sync_scheduling(registered, heads):
         _engine_config(spec, async_scheduling=True)
     with pytest.raises(BebopSpecError, match=r"draft_length='entropy' needs acceptance_fit=\[a, b\]"):
         _engine_config({"method": "bebop", "model": str(heads), "draft_length": "entropy"})
+
+
+def test_draft_vocab_size_is_checked_before_engine_start(registered, heads, tmp_path):
+    import numpy as np
+
+    from bebop_vllm.draft_vocab import write_draft_vocab
+
+    h = tmp_path / "h"
+    shutil.copytree(heads, h)
+    spec = {"method": "bebop", "model": str(h), "draft_vocab_size": 64}
+    with pytest.raises(BebopSpecError, match=r"draft_vocab_size=64 needs .*draft_vocab\.json: write it with "
+                                             r"`bebop draft-vocab"):
+        _engine_config(spec)
+    counts = np.zeros(49152, dtype=np.int64)
+    counts[:100] = np.arange(100, 0, -1)
+    write_draft_vocab(h, counts, np.zeros_like(counts), {"test": True})
+    _, cfg = _engine_config(spec)
+    assert cfg.additional_config["bebop"]["draft_vocab_size"] == 64
+    with pytest.raises(BebopSpecError, match=r"draft_vocab_size=101: .* ranks 100 tokens .* choose 1\.\.100"):
+        _engine_config(dict(spec, draft_vocab_size=101))
+    with pytest.raises(BebopSpecError, match=r"draft_vocab_size=0"):
+        _engine_config(dict(spec, draft_vocab_size=0))
+    write_draft_vocab(h, counts[:1000], np.zeros(1000, dtype=np.int64), {"test": True})
+    with pytest.raises(BebopSpecError, match=r"built for a vocabulary of 1000 tokens; the target has 49152"):
+        _engine_config(spec)
 
 
 def test_non_bebop_configs_untouched(registered):

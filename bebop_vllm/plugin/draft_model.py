@@ -102,6 +102,19 @@ class BebopMTPModel(nn.Module):
             self.config.vocab_size, self.config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
         )
         self.logits_processor = LogitsProcessor(self.config.vocab_size, scale=getattr(self.config, "logit_scale", 1.0))
+        self._init_draft_vocab(vllm_config, spec.draft_model_config.model)
+
+    def _init_draft_vocab(self, vllm_config: VllmConfig, heads_dir: str) -> None:
+        """``draft_vocab_size`` (bebop_vllm.draft_vocab): logits for those token ids only."""
+        from bebop_vllm.config import options_from_additional_config
+        from bebop_vllm.draft_vocab import read_draft_vocab
+
+        opts = options_from_additional_config(vllm_config.additional_config)
+        size = opts.draft_vocab_size if opts is not None else None
+        ids = read_draft_vocab(heads_dir, size, self.config.vocab_size) if size else []
+        self.register_buffer("draft_vocab_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
+        self._draft_lm_head: torch.Tensor | None = None  # lm_head rows of draft_vocab_ids
+        self._draft_lm_head_of: torch.Tensor | None = None  # the lm_head weight they were taken from
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -118,7 +131,22 @@ class BebopMTPModel(nn.Module):
         return self.model(input_ids, positions, hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """Draft logits [num_tokens, vocab_size]. With a draft vocabulary, only its rows of the
+        lm_head are multiplied and every other token gets -inf, so softmax, top-k/top-p and argmax
+        downstream (and the draft probabilities handed to the verifier) see exactly q restricted
+        to the vocabulary."""
+        if self.draft_vocab_ids.numel() == 0:
+            return self.logits_processor(self.lm_head, hidden_states)
+        weight = self.lm_head.weight
+        if self._draft_lm_head_of is not weight:  # first call, or the proposer swapped lm_head in
+            self._draft_lm_head = weight.index_select(0, self.draft_vocab_ids.to(weight.device)).contiguous()
+            self._draft_lm_head_of = weight
+        sub = hidden_states @ self._draft_lm_head.T
+        scale = getattr(self.config, "logit_scale", 1.0)
+        if scale != 1.0:
+            sub = sub * scale
+        logits = sub.new_full((hidden_states.shape[0], self.config.vocab_size), float("-inf"))
+        return logits.index_copy_(1, self.draft_vocab_ids.to(sub.device), sub)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

@@ -71,6 +71,8 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
     heads_dir = _resolve_heads_dir(opts, target_model_config)
     num_depths = validate_heads_dir(heads_dir, target_model_config.hf_config, str(target_model_config.model))
     k = opts.num_speculative_tokens or num_depths
+    if opts.draft_vocab_size is not None:
+        _check_draft_vocab(opts.draft_vocab_size, heads_dir, target_model_config, engine_args)
     opts = opts.model_copy(update={"model": heads_dir, "num_speculative_tokens": k})
 
     engine_args.speculative_config = {
@@ -94,6 +96,21 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
     engine_args.additional_config = additional
     if getattr(engine_args, "per_request_spec_decode_metrics", "none") == "none":
         engine_args.per_request_spec_decode_metrics = opts.metrics
+
+
+def _check_draft_vocab(size: int, heads_dir: str, target_model_config: Any, engine_args: Any) -> None:
+    """Fail at start-up, not in the worker, when the draft vocabulary cannot be used."""
+    from bebop_vllm.config import BebopSpecError
+    from bebop_vllm.draft_vocab import read_draft_vocab
+    from bebop_vllm.errors import BebopError
+
+    if int(getattr(engine_args, "tensor_parallel_size", 1) or 1) > 1:
+        raise BebopSpecError("draft_vocab_size works with tensor_parallel_size=1 only (the draft logits "
+                             "are computed on the local vocabulary rows)")
+    try:
+        read_draft_vocab(heads_dir, size, int(target_model_config.hf_config.vocab_size))
+    except BebopError as exc:
+        raise BebopSpecError(f"invalid speculative_config for method 'bebop': {exc}") from None
 
 
 def _make_replacement(original: Any) -> Any:
