@@ -184,7 +184,9 @@ def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any, target_mode
     if not isinstance(num_depths, int) or num_depths < 1:
         raise BebopSpecError(f"{path / 'config.json'} lacks bebop.num_depths (a positive integer)")
     _read_json(path / "bebop.json", "the heads metadata")
-    if config.get("model_type") in ("qwen3_5", "qwen3_5_text"):
+    from bebop_vllm.heads.module import QWEN3_5_MODEL_TYPES
+
+    if config.get("model_type") in QWEN3_5_MODEL_TYPES:
         raise BebopSpecError(
             f"heads in {path} are Qwen3.5 MTP layers: they replace the target's native MTP weights. Run "
             f"`bebop export-mtp --heads {path} --target TARGET --out DIR`, then serve DIR with "

@@ -325,11 +325,15 @@ def test_sampling_distribution_matches(results, case):
     bebop = results["bebop"][f"dist_{case}"]
     assert len(plain) == len(bebop) == DIST_SAMPLES
     assert all(len(s) == DIST_TOKENS for s in plain + bebop)
-    tp, tb = _verifier_tokens(plain), _verifier_tokens(bebop)
-    p_values = {pos: two_sample_chi2(tp[pos], tb[pos]) for pos in tp}
-    # Also the verifier's own token with the prefix pooled (the marginal at position 2).
-    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in bebop])
-    # Bonferroni over the 3 tests of this case.
+    _assert_same_verifier_distribution(plain, bebop)
+
+
+def _assert_same_verifier_distribution(plain: list[list[int]], other: list[list[int]]) -> None:
+    """Chi-square per verifier position (joint with the prefix) and for the position-2 marginal
+    (the verifier's own token with the prefix pooled); Bonferroni over the 3 tests."""
+    tp, to = _verifier_tokens(plain), _verifier_tokens(other)
+    p_values = {pos: two_sample_chi2(tp[pos], to[pos]) for pos in tp}
+    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in other])
     assert min(p_values.values()) > ALPHA / 3, p_values
 
 
@@ -350,11 +354,7 @@ def test_entropy_draft_length_varies_per_step(results):
 
 
 def test_entropy_draft_length_keeps_sampling_distribution(results):
-    plain, ent = results["plain"]["dist_t1"], results["bebop_entropy"]["dist_t1"]
-    tp, te = _verifier_tokens(plain), _verifier_tokens(ent)
-    p_values = {pos: two_sample_chi2(tp[pos], te[pos]) for pos in tp}
-    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in ent])
-    assert min(p_values.values()) > ALPHA / 3, p_values
+    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_entropy"]["dist_t1"])
 
 
 @pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
@@ -364,11 +364,7 @@ def test_draft_vocab_keeps_greedy_outputs(results, key):
 
 def test_draft_vocab_keeps_sampling_distribution(results):
     """Drafts restricted to ~100 tokens (q = 0 elsewhere): rejection sampling stays exact."""
-    plain, voc = results["plain"]["dist_t1"], results["bebop_vocab"]["dist_t1"]
-    tp, tv = _verifier_tokens(plain), _verifier_tokens(voc)
-    p_values = {pos: two_sample_chi2(tp[pos], tv[pos]) for pos in tp}
-    p_values["marginal2"] = two_sample_chi2([s[1] for s in plain], [s[1] for s in voc])
-    assert min(p_values.values()) > ALPHA / 3, p_values
+    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_vocab"]["dist_t1"])
 
 
 def test_draft_vocab_still_drafts_and_accepts(results):

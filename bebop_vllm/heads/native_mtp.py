@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from bebop_vllm.errors import BebopError
 from bebop_vllm.heads.module import QWEN3_5_MODEL_TYPES, HeadShape
-from bebop_vllm.heads.target import read_target_config
+from bebop_vllm.heads.target import read_target_config, read_target_tensors
 
 _SHARED = {
     "enorm.weight": "mtp.pre_fc_norm_embedding.weight",
@@ -43,17 +43,19 @@ _SHARED = {
 _LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
 
 
+def native_name(head_name: str, layer: int) -> str:
+    """The checkpoint name of head tensor ``head_name`` in native MTP layer ``layer``."""
+    if head_name in _SHARED:
+        return _SHARED[head_name]
+    if head_name.startswith("layer."):
+        return f"mtp.layers.{layer}.{head_name[len('layer.') :]}"
+    raise BebopError(f"head tensor {head_name!r} has no native MTP counterpart")
+
+
 def head_to_native_names(head_names: list[str], num_mtp_layers: int) -> dict[str, list[str]]:
-    """Head tensor name -> the checkpoint names it fills."""
-    out: dict[str, list[str]] = {}
-    for name in head_names:
-        if name in _SHARED:
-            out[name] = [_SHARED[name]]
-        elif name.startswith("layer."):
-            out[name] = [f"mtp.layers.{i}.{name[len('layer.') :]}" for i in range(num_mtp_layers)]
-        else:
-            raise BebopError(f"head tensor {name!r} has no native MTP counterpart")
-    return out
+    """Head tensor name -> the checkpoint names it fills (shared tensors once, layer tensors in
+    every native layer slot)."""
+    return {n: sorted({native_name(n, i) for i in range(num_mtp_layers)}) for n in head_names}
 
 
 def _target_mtp(target_model_dir: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]], int]:
@@ -89,18 +91,19 @@ def native_mtp_to_head(target_model_dir: str | Path, shape: HeadShape, layer: in
 
     Used to warm-start a Qwen3.5 head from the MTP module the target was trained with."""
     target_model_dir = Path(target_model_dir)
-    where, _, num_layers = _target_mtp(target_model_dir)
+    _, _, num_layers = _target_mtp(target_model_dir)
     if not 0 <= layer < num_layers:
         raise BebopError(f"{target_model_dir} has {num_layers} native MTP layer(s); layer {layer} does not exist")
     from bebop_vllm.heads.checkpoint import expected_tensor_shapes
 
+    wanted = {head_name: native_name(head_name, layer) for head_name in expected_tensor_shapes(shape)}
+    tensors = read_target_tensors(target_model_dir, list(wanted.values()))  # one pass over the shards
     out: dict[str, torch.Tensor] = {}
     for head_name, want in expected_tensor_shapes(shape).items():
-        native = _SHARED.get(head_name) or f"mtp.layers.{layer}.{head_name[len('layer.') :]}"
-        if native not in where:
+        native = wanted[head_name]
+        if native not in tensors:
             raise BebopError(f"{target_model_dir} lacks native MTP tensor {native!r} (for head tensor {head_name!r})")
-        with safe_open(str(where[native]), framework="pt") as st:
-            t = st.get_tensor(native)
+        t = tensors[native]
         if tuple(t.shape) != want:
             raise BebopError(f"native MTP tensor {native!r} has shape {tuple(t.shape)}, the head expects {want}")
         out[head_name] = t.float()
