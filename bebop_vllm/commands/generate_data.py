@@ -31,7 +31,25 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="skip prompts longer than this (default: 512)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens sampled per prompt (default: 256)")
     p.add_argument(
-        "--temperature", type=float, action="append", help="sampling temperature (default: 1.0); repeat for several"
+        "--temperature",
+        type=float,
+        action="append",
+        help="sampling temperature (default: 1.0); repeat for a mix: sample s of prompt i uses the "
+        "(i + s)-th entry, cycling, so '--temperature 1 --temperature 1 --temperature 1 --temperature 0.7' "
+        "samples 75 %% at T = 1 and 25 %% at T = 0.7",
+    )
+    p.add_argument(
+        "--samples-per-prompt",
+        action="append",
+        metavar="N|DOMAIN=N",
+        help="continuations per prompt, for every domain (N) or one domain (e.g. math=8); repeatable "
+        "(default: one per --temperature entry)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=128,
+        help="requests vLLM runs concurrently (default: 128); raise VLLM_CPU_KVCACHE_SPACE (GiB) to fit them",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument(
@@ -76,6 +94,17 @@ def run(args: argparse.Namespace) -> int:
     temps = args.temperature or [1.0]
     if any(t <= 0 for t in temps):
         raise BebopError(f"--temperature must be > 0 (sampling, not greedy), got {temps}")
+    samples: dict[str, int] = {}
+    for item in args.samples_per_prompt or []:
+        domain, _, n = item.rpartition("=")
+        if not n.isdigit() or int(n) < 1 or (domain and domain not in ("math", "code", "agentic")):
+            raise BebopError(
+                f"--samples-per-prompt takes N or DOMAIN=N (N >= 1, DOMAIN math/code/agentic), got {item!r}"
+            )
+        for d in [domain] if domain else ["math", "code", "agentic"]:
+            samples[d] = int(n)
+    if args.max_num_seqs < 1:
+        raise BebopError(f"--max-num-seqs must be at least 1, got {args.max_num_seqs}")
     generate_data(
         args.model or default_model_dir(),
         args.out or default_data_dir(),
@@ -90,5 +119,7 @@ def run(args: argparse.Namespace) -> int:
         args.chunk,
         args.engine,
         args.dtype,
+        samples or None,
+        args.max_num_seqs,
     )
     return 0

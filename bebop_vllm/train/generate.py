@@ -37,6 +37,26 @@ def select_prompts(
     return out
 
 
+def sample_plan(
+    prompts: list[tuple[str, str, list[int]]], samples_per_prompt: dict[str, int], temperatures: list[float]
+) -> list[tuple[int, int, float]]:
+    """(prompt index, sample index, temperature) of every continuation to sample.
+
+    Prompt i gets ``samples_per_prompt[domain]`` samples; sample s uses
+    ``temperatures[(i + s) % len(temperatures)]``, so the list is a cycle that sets the mix
+    (``[1.0, 1.0, 1.0, 0.7]`` = 75 % T = 1, 25 % T = 0.7, and one sample per listed temperature
+    when a prompt has as many samples as the list has entries). Sample-major order: every
+    prompt's first sample comes before any second sample, so a stopped run keeps the prompt
+    and domain mix."""
+    most = max((samples_per_prompt.get(d, 1) for d, _, _ in prompts), default=0)
+    plan = []
+    for s in range(most):
+        for i, (domain, _, _) in enumerate(prompts):
+            if s < samples_per_prompt.get(domain, 1):
+                plan.append((i, s, temperatures[(i + s) % len(temperatures)]))
+    return plan
+
+
 def generate_split(
     llm: Any,
     tokenizer: Any,
@@ -51,15 +71,18 @@ def generate_split(
     out_dir: Path,
     chunk: int = 48,
     engine: str = "vllm",
+    samples_per_prompt: dict[str, int] | None = None,
 ) -> SequenceSet:
-    """Sample one continuation per prompt and temperature, ``chunk`` prompts per vLLM call; the
-    split folder is rewritten after every chunk, so an interrupted run keeps what it finished
-    and a rerun continues where it stopped. ``llm`` is a vLLM ``LLM`` (engine "vllm") or a
-    transformers causal LM (engine "hf", which also fills the trainer's hidden-state cache)."""
+    """Sample continuations per ``sample_plan``, ``chunk`` requests per vLLM call; the split
+    folder is rewritten after every chunk, so an interrupted run keeps what it finished and a
+    rerun continues where it stopped. ``llm`` is a vLLM ``LLM`` (engine "vllm") or a
+    transformers causal LM (engine "hf", which also fills the trainer's hidden-state cache).
+    ``samples_per_prompt``: per domain (default: one sample per listed temperature)."""
 
     prompts = select_prompts(tokenizer, split, domains, limit_per_domain, max_prompt_tokens)
     if not prompts:
         raise BebopError(f"no {split} prompts left for domains {domains} with --max-prompt-tokens {max_prompt_tokens}")
+    samples = {d: len(temperatures) for d in domains} | dict(samples_per_prompt or {})
     folder = out_dir / split
     meta: dict[str, Any] = {
         "split": split,
@@ -70,6 +93,7 @@ def generate_split(
         "max_prompt_tokens": max_prompt_tokens,
         "max_new_tokens": max_new_tokens,
         "temperatures": temperatures,
+        "samples_per_prompt": samples,
         "seed": seed,
         "generation_seconds": 0.0,
         "items": [],
@@ -81,43 +105,60 @@ def generate_split(
         old = load_split(out_dir, split)
         same = {k: old.meta.get(k) for k in ("max_new_tokens", "seed", "model")}
         if same == {"max_new_tokens": max_new_tokens, "seed": seed, "model": str(model_dir)}:
-            meta = old.meta
+            meta = old.meta | {"samples_per_prompt": samples, "temperatures": temperatures}
             sequences = [old.sequence(i).tolist() for i in range(len(old))]
             prompt_lens, temps = old.prompt_lens.tolist(), old.temperatures.tolist()
-    done = {(it["id"], it.get("temperature", meta["temperatures"][0])) for it in meta["items"]}
-    for temp in temperatures:
-        todo = [(i, p) for i, p in enumerate(prompts) if (p[1], temp) not in done]
-        for start in range(0, len(todo), chunk):
-            part = todo[start : start + chunk]
-            t0 = time.time()
-            results = _sample_chunk(llm, engine, [p[2] for _, p in part], temp, max_new_tokens, seed + len(sequences))
-            first_new = len(sequences)
-            for (_, (domain, pid, ids)), (completion, finish) in zip(part, results, strict=True):
-                sequences.append(ids + completion)
-                prompt_lens.append(len(ids))
-                temps.append(temp)
-                meta["items"].append({"domain": domain, "id": pid, "temperature": temp, "finish_reason": finish})
-            meta["generation_seconds"] = round(meta["generation_seconds"] + time.time() - t0, 1)
-            meta["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            seqs = SequenceSet.from_lists(sequences, prompt_lens, temps, meta)
-            meta.update(
-                num_sequences=len(seqs),
-                num_prompt_tokens=seqs.num_prompt_tokens,
-                num_completion_tokens=seqs.num_completion_tokens,
+    # what is done: (prompt id, sample index); items of older runs carry no sample index,
+    # so their k-th item of a prompt counts as sample k
+    done: set[tuple[str, int]] = set()
+    seen: dict[str, int] = {}
+    for it in meta["items"]:
+        k = it.get("sample", seen.get(it["id"], 0))
+        seen[it["id"]] = max(seen.get(it["id"], 0), k + 1)
+        done.add((it["id"], k))
+    todo = [(i, s, t) for i, s, t in sample_plan(prompts, samples, temperatures) if (prompts[i][1], s) not in done]
+    total = len(done) + len(todo)
+    for start in range(0, len(todo), chunk):
+        part = todo[start : start + chunk]
+        t0 = time.time()
+        results = _sample_chunk(
+            llm,
+            engine,
+            [prompts[i][2] for i, _, _ in part],
+            [t for _, _, t in part],
+            max_new_tokens,
+            seed + len(sequences),
+        )
+        first_new = len(sequences)
+        for (i, s, temp), (completion, finish) in zip(part, results, strict=True):
+            domain, pid, ids = prompts[i]
+            sequences.append(ids + completion)
+            prompt_lens.append(len(ids))
+            temps.append(temp)
+            meta["items"].append(
+                {"domain": domain, "id": pid, "sample": s, "temperature": temp, "finish_reason": finish}
             )
-            seqs.save(folder)
-            if engine == "hf":  # the hidden states came with sampling: store them in the trainer's cache
-                from bebop_vllm.train.target_cache import HiddenCache
+        meta["generation_seconds"] = round(meta["generation_seconds"] + time.time() - t0, 1)
+        meta["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        seqs = SequenceSet.from_lists(sequences, prompt_lens, temps, meta)
+        meta.update(
+            num_sequences=len(seqs),
+            num_prompt_tokens=seqs.num_prompt_tokens,
+            num_completion_tokens=seqs.num_completion_tokens,
+        )
+        seqs.save(folder)
+        if engine == "hf":  # the hidden states came with sampling: store them in the trainer's cache
+            from bebop_vllm.train.target_cache import HiddenCache
 
-                cache = HiddenCache(out_dir, split, seqs, model_dir)
-                for k, (_, (_, hs)) in enumerate(zip(part, _LAST_HIDDEN, strict=True)):
-                    cache.put(first_new + k, hs)
-                cache.save()
-            print(
-                f"{split}: {len(seqs)}/{len(prompts) * len(temperatures)} sequences saved "
-                f"({seqs.num_completion_tokens} completion tokens, {meta['generation_seconds']} s)",
-                flush=True,
-            )
+            cache = HiddenCache(out_dir, split, seqs, model_dir)
+            for k, hs in enumerate(_LAST_HIDDEN):
+                cache.put(first_new + k, hs)
+            cache.save()
+        print(
+            f"{split}: {len(seqs)}/{total} sequences saved ({seqs.num_completion_tokens} completion tokens, "
+            f"{meta['generation_seconds']} s)",
+            flush=True,
+        )
     return load_split(out_dir, split)
 
 
@@ -125,17 +166,18 @@ _LAST_HIDDEN: list[Any] = []  # hidden states of the last hf chunk (engine "hf")
 
 
 def _sample_chunk(
-    llm: Any, engine: str, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int
+    llm: Any, engine: str, prompts: list[list[int]], temperatures: list[float], max_new_tokens: int, seed: int
 ) -> list[tuple[list[int], str]]:
-    """(completion tokens, finish reason) per prompt, with one vLLM call or one hf batch."""
+    """(completion tokens, finish reason) per prompt (sampled at its own temperature), with one
+    vLLM call or hf batches of one temperature each."""
     if engine == "vllm":
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # one SamplingParams for the chunk: per-request seeds crash vLLM 0.32 on CPU
-        # ("CPU Generator does not use offset", gpu_model_runner.py:3502); the engine seed
-        # (LLM(seed=...)) makes a rerun with the same chunks reproducible instead.
-        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
+        # no per-request seeds: they crash vLLM 0.32 on CPU ("CPU Generator does not use
+        # offset", gpu_model_runner.py:3502); the engine seed (LLM(seed=...)) makes a rerun
+        # with the same chunks reproducible instead.
+        params = [SamplingParams(temperature=t, max_tokens=max_new_tokens) for t in temperatures]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=True)
         return [(list(o.outputs[0].token_ids), str(o.outputs[0].finish_reason)) for o in outs]
     if engine == "prompts":  # no sampling: the prompt text itself, scored by the target at train time
@@ -149,7 +191,12 @@ def _sample_chunk(
         )
     }
     gen = torch.Generator().manual_seed(seed)
-    res = sample_with_hidden(llm, prompts, max_new_tokens, temperature, eos, gen)
+    res: list[Any] = [None] * len(prompts)
+    for temp in sorted(set(temperatures)):
+        idx = [k for k, t in enumerate(temperatures) if t == temp]
+        got = sample_with_hidden(llm, [prompts[k] for k in idx], max_new_tokens, temp, eos, gen)
+        for k, r in zip(idx, got, strict=True):
+            res[k] = r
     _LAST_HIDDEN[:] = [hs for _, hs in res]
     return [(c, "stop" if c and c[-1] in eos else "length") for c, _ in res]
 
@@ -168,8 +215,12 @@ def generate_data(
     chunk: int = 48,
     engine: str = "vllm",
     dtype: str = "bfloat16",
+    samples_per_prompt: dict[str, int] | None = None,
+    max_num_seqs: int = 128,
 ) -> dict[str, SequenceSet]:
-    """Generate the held-out and train splits into ``out_dir`` (one vLLM engine for both)."""
+    """Generate the held-out and train splits into ``out_dir`` (one vLLM engine for both).
+    ``max_num_seqs`` requests run concurrently; the KV cache must hold them
+    (``VLLM_CPU_KVCACHE_SPACE`` GiB; SmolLM2-135M needs ~23 KB per token in bf16)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
@@ -190,9 +241,10 @@ def generate_data(
             dtype=dtype,
             max_model_len=max_len,
             seed=seed,
-            enable_prefix_caching=False,
-            max_num_batched_tokens=max(max_len, 1024),
-            max_num_seqs=128,
+            # several samples per prompt share their prompt's KV cache
+            enable_prefix_caching=True,
+            max_num_batched_tokens=max(max_len, 2048),
+            max_num_seqs=max_num_seqs,
         )
     elif engine == "prompts":
         llm = None
@@ -219,5 +271,6 @@ def generate_data(
             out_dir,
             chunk,
             engine,
+            samples_per_prompt,
         )
     return out
