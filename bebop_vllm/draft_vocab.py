@@ -93,3 +93,32 @@ def read_draft_vocab(heads_dir: str | Path, size: int, vocab_size: int) -> list[
     if len(set(chosen)) != size or min(chosen) < 0 or max(chosen) >= vocab_size:
         raise BebopError(f"{path}: ids must be distinct and in [0, {vocab_size})")
     return sorted(chosen)
+
+
+def write_probability_ranked_vocab(
+    heads_dir: str | Path,
+    ranking: np.ndarray,
+    mass: np.ndarray,
+    trained_size: int | None,
+    source: dict[str, Any],
+) -> Path:
+    """``draft_vocab.json`` ranked by summed target probability (the trainer's ranking: the
+    tokens carrying most of the target's mass on its own samples come first, which maximises
+    the mass inside the first N, the cap on acceptance). ``trained_size``: the N the heads were
+    trained on (serve with ``draft_vocab_size`` <= N; outside it their logits are untrained)."""
+    total = float(mass.sum())
+    if total <= 0:
+        raise BebopError("no target probability mass to rank a draft vocabulary by (empty data)")
+    path = Path(heads_dir) / DRAFT_VOCAB_FILE
+    cum = np.cumsum(mass[ranking]) / total
+    payload = {
+        "source": source,
+        "ranked_by": "summed target probability over the train completions",
+        "vocab_size": int(len(mass)),
+        "trained_size": trained_size,
+        "coverage": {str(n): round(float(cum[n - 1]), 5) for n in (2048, 4096, 8192, 12288, 16384, 24576, 32768)
+                     if n <= len(cum)},
+        "ids": [int(i) for i in ranking],
+    }
+    path.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+    return path

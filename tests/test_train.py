@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ def _cfg(setup: tuple[Path, Path], out: Path, **kw) -> TrainConfig:  # noqa: ANN
         data_dir=data,
         out_dir=out,
         steps=40,
-        seqs_per_step=4,
+        chains_per_step=96,
+        draft_vocab_size=None,
+        dtype="fp32",
         lr=3e-3,
         warmup_steps=2,
         eval_every=1000,
@@ -112,7 +115,7 @@ def test_cli_refuses_bad_input(setup: tuple[Path, Path], tmp_path: Path, capsys:
         )
         == 1
     )
-    assert "no train or held-out sequences sampled at T=0.5" in capsys.readouterr().err
+    assert "no train sequences at T in (0.5,)" in capsys.readouterr().err
 
 
 class _FakeTokenizer:
@@ -162,7 +165,73 @@ def test_cli_trains_and_passes_its_options(setup: tuple[Path, Path], tmp_path: P
         "--train-on-prompts",
         "--save-dtype",
         "fp32",
+        "--draft-vocab-size",
+        "40",
+        "--chains-per-step",
+        "50",
+        "--depth-decay",
+        "0.8",
     ]
     assert main(argv) == 0
     meta = load_heads(out, target).metadata
     assert meta.heldout.num_sequences == 2 and meta.data.num_sequences == 3 and meta.train_steps == 2
+    assert "draft vocabulary 40 tokens" in meta.notes and "depth decay 0.8" in meta.notes
+    vocab = json.loads((out / "draft_vocab.json").read_text())
+    assert vocab["trained_size"] == 40 and sorted(vocab["ids"]) == list(range(64))
+    assert (out / "train_log.json").is_file()
+
+
+def test_target_cache_log_normaliser_and_mass(setup: tuple[Path, Path]) -> None:
+    """p_v = exp(lm_head_v(h) / T - lse) sums to 1 over the full vocabulary; the per-token mass
+    adds up to one unit per completion-predicting position."""
+    target, data = setup
+    held = load_split(data, "heldout")
+    cache = HiddenCache(data, "heldout", held, target)
+    cache.fill(list(range(len(held))), progress=False)
+    head = new_head(target)
+    for i in range(len(held)):
+        z = cache.hidden(i) @ head.lm_head_weight.T / float(held.temperatures[i])
+        torch.testing.assert_close(torch.exp(z - cache.log_normaliser(i)[:, None]).sum(-1), torch.ones(len(z)))
+    positions = sum(len(held.sequence(i)) - int(held.prompt_lens[i]) for i in range(len(held)))
+    assert cache.mass.sum() == pytest.approx(positions, rel=1e-4)
+    again = HiddenCache(data, "heldout", held, target)  # resumed from disk: nothing left to do
+    assert again.done == set(range(len(held))) and np.allclose(again.mass, cache.mass)
+
+
+def test_identity_start_reproduces_the_target_hidden_state(setup: tuple[Path, Path]) -> None:
+    """At step 0 norm(r) is the target's h_t itself, so depth 1 drafts the target's own
+    distribution at t (alpha > 0, no 50-nat start) and the layer/embedding paths are zero."""
+    target, data = setup
+    held = load_split(data, "heldout")
+    cache = HiddenCache(data, "heldout", held, target)
+    cache.fill(list(range(len(held))), progress=False)
+    head = new_head(target, warm_start=True)
+    h = cache.hidden(0)
+    tokens = torch.from_numpy(held.sequence(0).astype(np.int64))
+    r = head.unroll(tokens[1:][None], h[:-1][None], 1)[0][0]
+    torch.testing.assert_close(head.norm(r), h[:-1], rtol=1e-2, atol=1e-2)  # RMSNorm eps
+    m = evaluate(head, held, cache, list(range(len(held))), 3, 1.0, progress=False)
+    assert m.alphas[0] > 0.01, m
+
+
+def test_vocab_chains_score_the_exact_target_mass_inside_the_vocabulary(setup: tuple[Path, Path]) -> None:
+    from bebop_vllm.train.chains import sequence_chains, vocab_chains
+
+    target, data = setup
+    held = load_split(data, "heldout")
+    cache = HiddenCache(data, "heldout", held, target)
+    cache.fill(list(range(len(held))), progress=False)
+    head = new_head(target, seed=3)
+    tokens = torch.from_numpy(held.sequence(1).astype(np.int64))
+    plen = int(held.prompt_lens[1])
+    full = sequence_chains(head, tokens, cache.hidden(1), plen, 3, 1.0)
+    ids = torch.tensor(sorted(range(0, 64, 3)))
+    sub = vocab_chains(head, tokens, cache.hidden(1), cache.log_normaliser(1), plen - 1, 3, 1.0, ids,
+                       head.lm_head_weight[ids])
+    torch.testing.assert_close(sub.target_probs, full.target_probs[..., ids], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sub.draft_logits, full.draft_logits[..., ids], rtol=1e-4, atol=1e-5)
+    assert torch.equal(sub.mask, full.mask)
+    inside = torch.isin(full.target_ids, ids) & full.ce_mask
+    assert torch.equal(sub.ce_mask, inside)
+    assert torch.equal(ids[sub.target_ids[inside]], full.target_ids[inside])
+

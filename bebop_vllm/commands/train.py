@@ -13,8 +13,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         description="Train a Bebop MTP head on the target's self-distillation data (`bebop generate-data`). "
         "The frozen target supplies hidden states (cached once per dataset) and tempered distributions; "
         "held-out prompts are used for evaluation only. Writes a head folder (model.safetensors, config.json, "
-        "bebop.json with held-out metrics) to --out. Targets: Llama-family models (heads served by "
-        "method 'bebop'; warm start from the target's last layer) and dense Qwen3.5 text models "
+        "bebop.json with held-out metrics, draft_vocab.json, train_log.json, learning_curve.png) to --out. Each step "
+        "trains every completion chain of whole sequences, over the draft vocabulary (the tokens with most target "
+        "probability), in bf16 where the CPU has native bf16. Targets: Llama-family models (heads served by "
+        "method 'bebop'; identity start) and dense Qwen3.5 text models "
         "(heads of Qwen3.5's own MTP layer kind, warm-started from the target's native mtp.* weights; "
         "put them in place with `bebop export-mtp` and serve with method 'mtp').",
     )
@@ -35,12 +37,21 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/smollm2-135m-selfdistill)"
     )
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
-    p.add_argument("--seqs-per-step", type=int, default=4, help="sequences per optimizer step (default: 4)")
     p.add_argument(
-        "--max-chains-per-seq",
+        "--chains-per-step",
         type=int,
-        default=128,
-        help="random subset of draft chains per sequence and step (default: 128)",
+        default=4096,
+        help="chain positions per optimizer step; whole sequences are added until reached (default: 4096)",
+    )
+    p.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=16384,
+        help="train (and later serve, engine option draft_vocab_size) on the N tokens carrying the most target "
+        "probability in the train data; 0 = the full vocabulary (default: 16384)",
+    )
+    p.add_argument(
+        "--depth-decay", type=float, default=1.0, help="depth j weighs DECAY**(j-1) in the loss (default: 1.0)"
     )
     p.add_argument(
         "--max-train-sequences",
@@ -59,14 +70,27 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument(
         "--temperature",
         type=float,
-        default=1.0,
-        help="training temperature: selects data sampled at T and tempers p and q (default: 1.0)",
+        action="append",
+        help="train on sequences sampled at this temperature (repeatable; default: all). Every sequence is "
+        "trained at its own sampling temperature (p and q tempered alike)",
     )
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="head compute dtype (default: fp32)")
+    p.add_argument(
+        "--eval-temperature",
+        type=float,
+        default=1.0,
+        help="held-out evaluation on sequences sampled at this temperature (default: 1.0)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="head compute dtype: auto = bf16 where the CPU has avx512_bf16/AMX (or CUDA), else fp32 (default: auto)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument("--save-dtype", choices=["bf16", "fp32"], default="bf16", help="checkpoint dtype (default: bf16)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out eval every N steps (default: 50)")
     p.add_argument("--eval-sequences", type=int, default=16, help="held-out sequences in periodic evals (default: 16)")
-    p.add_argument("--save-every", type=int, default=50, help="save the resume state every N steps (default: 50)")
+    p.add_argument("--save-every", type=int, default=25, help="save the resume state every N steps (default: 25)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order and chain subsets (default: 0)")
     p.add_argument(
         "--train-on-prompts",
@@ -85,7 +109,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         type=Path,
         default=None,
         help="start from the weights of this heads folder (e.g. CE heads, then fine-tune with --loss e2e-tv) "
-        "instead of the warm start from the target's last layer (default: warm start)",
+        "instead of the identity start (default: identity start)",
     )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run (resume later)")
@@ -98,11 +122,18 @@ def run(args: argparse.Namespace) -> int:
     from bebop_vllm.train.dataset import default_data_dir
     from bebop_vllm.train.trainer import TrainConfig, train
 
-    for name in ("depth", "steps", "seqs_per_step", "max_chains_per_seq", "eval_every", "eval_sequences", "save_every"):
+    for name in ("depth", "steps", "chains_per_step", "eval_every", "eval_sequences", "save_every"):
         if getattr(args, name) < 1:
             raise BebopError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.lr <= 0 or args.temperature <= 0:
-        raise BebopError(f"--lr and --temperature must be > 0, got {args.lr} and {args.temperature}")
+    temps = tuple(args.temperature) if args.temperature else None
+    if args.lr <= 0 or args.eval_temperature <= 0 or any(t <= 0 for t in temps or ()):
+        raise BebopError(
+            f"--lr and --temperature/--eval-temperature must be > 0, got {args.lr}, {temps}, {args.eval_temperature}"
+        )
+    if args.draft_vocab_size < 0 or args.depth_decay <= 0:
+        raise BebopError(
+            f"--draft-vocab-size must be >= 0 and --depth-decay > 0, got {args.draft_vocab_size}, {args.depth_decay}"
+        )
     cfg = TrainConfig(
         model_dir=args.model or default_model_dir(),
         data_dir=args.data or default_data_dir(),
@@ -110,13 +141,16 @@ def run(args: argparse.Namespace) -> int:
         loss=args.loss,
         num_depths=args.depth,
         steps=args.steps,
-        seqs_per_step=args.seqs_per_step,
-        max_chains_per_seq=args.max_chains_per_seq,
+        chains_per_step=args.chains_per_step,
+        draft_vocab_size=args.draft_vocab_size or None,
+        depth_decay=args.depth_decay,
+        threads=args.threads,
         max_train_sequences=args.max_train_sequences,
         heldout_sequences=args.heldout_sequences,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
-        temperature=args.temperature,
+        temperatures=temps,
+        eval_temperature=args.eval_temperature,
         dtype=args.dtype,
         save_dtype=args.save_dtype,
         eval_every=args.eval_every,

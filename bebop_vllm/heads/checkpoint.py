@@ -168,10 +168,18 @@ def load_heads(
 def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = False) -> BebopMTPHead:
     """A fresh fp32 head for the target. Linear weights ~ N(0, initializer_range), norms = 1.
 
-    ``warm_start``: copy the target's LAST decoder layer into ``layer`` and its final norm into
-    ``norm``, and start fc's hidden half as the identity (its embedding half stays small and
-    random): the head then starts as "one more target layer" over the target's hidden state,
-    instead of over a random projection, and learns to mix in the next token's embedding."""
+    ``warm_start`` (Llama targets): an identity start, Medusa style. ``o_proj`` and ``down_proj``
+    are zero, so the layer adds nothing yet; fc passes the hidden-state half through (its
+    embedding half is zero); ``hnorm`` undoes the target's final-norm weight and ``norm`` puts it
+    back, so at step 0 ``norm(r)`` is exactly the target's hidden state h_t and the head predicts
+    the target's own next-token distribution at t (shifted by one position: a weak but
+    well-conditioned start, alpha > 0 and KL of a few nats, from which every loss has gradient).
+    The token embedding and the layer enter through zero-initialised paths, so the hidden state
+    stays the backbone of the prediction instead of being drowned by a random layer's update.
+    (Copying the target's last layer instead fed that layer an input ~25x smaller than the
+    residual it was trained on: KL ~50 nats and alpha = 0 at step 0.)
+
+    Qwen3.5 targets ship a trained MTP module: ``warm_start`` starts from it."""
     from bebop_vllm.heads.target import read_target_tensors
 
     tcfg = read_target_config(target_model_dir)
@@ -190,19 +198,17 @@ def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = Fal
 
             head.load_state_dict(native_mtp_to_head(target_model_dir, head.shape))
         elif warm_start:
-            last = int(tcfg["num_hidden_layers"]) - 1
-            names = {
-                n: f"model.layers.{last}.{n[len('layer.') :]}"
-                for n, _ in head.named_parameters()
-                if n.startswith("layer.")
-            }
-            src = read_target_tensors(target_model_dir, [*names.values(), "model.norm.weight"])
-            params = dict(head.named_parameters())
-            for head_name, target_name in names.items():
-                params[head_name].copy_(src[target_name].float())
-            params["norm.weight"].copy_(src["model.norm.weight"].float())
+            final_norm = read_target_tensors(target_model_dir, ["model.norm.weight"])["model.norm.weight"].float()
             h = head.shape.hidden_size
-            params["fc.weight"][:, h:] = torch.eye(h)
+            head.layer.self_attn.o_proj.weight.zero_()
+            head.layer.mlp.down_proj.weight.zero_()
+            head.fc.weight.zero_()
+            head.fc.weight[:, h:] = torch.eye(h)
+            # h = w * x_hat (w: the final-norm weight, |w| >= 0.87 for SmolLM2-135M): hnorm(h)
+            # with weight 1/w is proportional to x_hat, and norm(.) with weight w gives back h
+            safe = torch.where(final_norm.abs() < 1e-2, torch.full_like(final_norm, 1e-2), final_norm)
+            head.hnorm.weight.copy_(1.0 / safe)
+            head.norm.weight.copy_(final_norm)
     head.attach_target(*target_embedding_and_lm_head(target_model_dir))
     return head
 

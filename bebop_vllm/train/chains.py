@@ -67,3 +67,55 @@ def sequence_chains(
     ce_mask = mask & (label_pos <= length - 1)
     target_ids = torch.where(ce_mask, tokens[label_pos.clamp(max=length - 1)], -1)
     return ChainBatch(draft_logits, target_probs, target_ids, mask, ce_mask)
+
+
+def vocab_chains(
+    head: BebopMTPHead,
+    tokens: torch.Tensor,
+    hidden: torch.Tensor,
+    log_normaliser: torch.Tensor,
+    first_chain: int,
+    num_depths: int,
+    temperature: float,
+    vocab_ids: torch.Tensor | None = None,
+    lm_head_rows: torch.Tensor | None = None,
+) -> ChainBatch:
+    """Every chain t in [``first_chain``, L - 2] of one sequence, with logits and target
+    probabilities over the draft vocabulary D only (the trainer's fast path).
+
+    ``tokens`` [L] int64; ``hidden`` [L, H] the target's post-norm final hidden states;
+    ``log_normaliser`` [L] = logsumexp(lm_head(h) / T) over the FULL vocabulary (from the
+    target cache), so ``target_probs`` are the target's exact probabilities p_v for v in D
+    (summing to the mass inside D, <= 1) while q is a softmax over D, exactly what the engine
+    drafts with ``draft_vocab_size`` (zero outside D). ``vocab_ids`` [|D|] (None: the full
+    vocabulary) and ``lm_head_rows`` = lm_head[vocab_ids] (precomputed once by the caller).
+    ``target_ids`` index into D (-1, and ``ce_mask`` False, where the label lies outside D).
+    """
+    length = tokens.shape[0]
+    starts = torch.arange(max(first_chain, 0), length - 1)
+    w = head.lm_head_weight if lm_head_rows is None else lm_head_rows
+    outs = head.unroll(tokens[1:][None], hidden[:-1][None].to(head.fc.weight.dtype), num_depths, int(starts[0]))
+    depth = torch.arange(1, num_depths + 1)
+    pos = starts[:, None] + depth[None, :] - 1  # where depth j of chain t runs
+    mask = pos <= length - 2
+    pos = pos.clamp(max=length - 2)
+    residual = torch.stack([outs[j][0, pos[:, j]] for j in range(num_depths)], dim=1)  # [N, g, H]
+    normed = head.norm(residual)
+    draft_logits = (normed @ w.to(normed.dtype).T) / temperature
+    with torch.no_grad():
+        # depth j of chain t is scored against the target's distribution at position t + j
+        tpos = (starts[:, None] + depth[None, :]).clamp(max=length - 1)
+        first, last = int(tpos.min()), int(tpos.max())
+        z = (hidden[first : last + 1].float() @ w.float().T) / temperature
+        probs = torch.exp(z - log_normaliser[first : last + 1, None])
+        target_probs = probs[tpos - first]
+        label_pos = starts[:, None] + depth[None, :] + 1
+        ce_mask = mask & (label_pos <= length - 1)
+        labels = tokens[label_pos.clamp(max=length - 1)]
+        if vocab_ids is not None:  # token id -> its index in D (-1 outside)
+            index = torch.full((head.shape.vocab_size,), -1, dtype=torch.long)
+            index[vocab_ids] = torch.arange(len(vocab_ids))
+            labels = index[labels]
+            ce_mask &= labels >= 0
+        target_ids = torch.where(ce_mask, labels, -1)
+    return ChainBatch(draft_logits, target_probs, target_ids, mask, ce_mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -48,4 +49,65 @@ def evaluate(
         num_chains=tau_cnt,
         num_sequences=len(indices),
         temperature=temperature,
+    )
+
+
+def ranked_vocab(mass: np.ndarray) -> np.ndarray:
+    """Every token id, most target probability mass first (ties: lower id first)."""
+    return np.lexsort((np.arange(len(mass)), -mass))
+
+
+@torch.no_grad()
+def evaluate_vocab(
+    head: BebopMTPHead,
+    seqs: SequenceSet,
+    cache: HiddenCache,
+    indices: list[int],
+    num_depths: int,
+    vocab_ids: torch.Tensor | None = None,
+    lm_head_rows: torch.Tensor | None = None,
+    progress: bool = True,
+) -> HeldoutMetrics:
+    """Held-out acceptance of a head that drafts over the vocabulary ``vocab_ids`` (None: full),
+    every completion chain, each sequence at its own sampling temperature: alpha_j = mean over
+    chains with depth j of sum_{v in D} min(p_v, q_v) (q = 0 outside D, p exact); the expected
+    tokens per verify step is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i."""
+    from bebop_vllm.train.chains import vocab_chains
+
+    head.eval()
+    alpha_sum = torch.zeros(num_depths, dtype=torch.float64)
+    alpha_cnt = torch.zeros(num_depths, dtype=torch.float64)
+    tau_sum, tau_cnt = 0.0, 0
+    temps = set()
+    for i in tqdm(indices, desc="held-out eval", leave=False, disable=not progress, dynamic_ncols=True):
+        tokens = torch.from_numpy(seqs.sequence(i).astype("int64"))
+        first = max(int(seqs.prompt_lens[i]) - 1, 0)
+        if first >= len(tokens) - 1:
+            continue
+        temps.add(float(seqs.temperatures[i]))
+        b = vocab_chains(
+            head,
+            tokens,
+            cache.hidden(i),
+            cache.log_normaliser(i),
+            first,
+            num_depths,
+            float(seqs.temperatures[i]),
+            vocab_ids,
+            lm_head_rows,
+        )
+        alpha = acceptance_rates(b.draft_logits.float(), b.target_probs).double()
+        alpha_sum += torch.where(b.mask, alpha, 0.0).sum(0)
+        alpha_cnt += b.mask.sum(0)
+        full = b.mask.all(1)
+        tau_sum += expected_accepted_length(alpha[full]).sum().item()
+        tau_cnt += int(full.sum())
+    head.train()
+    alphas = (alpha_sum / alpha_cnt.clamp_min(1)).tolist()
+    return HeldoutMetrics(
+        alphas=[round(a, 5) for a in alphas],
+        expected_accepted_length=round(tau_sum / max(tau_cnt, 1), 5),
+        num_chains=tau_cnt,
+        num_sequences=len(indices),
+        temperature=temps.pop() if len(temps) == 1 else float("nan"),
     )

@@ -77,32 +77,44 @@ def _full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` over True entries (0 if there are none, keeping the graph)."""
-    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, depth_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` [N, g] over True entries of ``mask``, each weighted by its depth's
+    ``depth_weights`` [g] (default 1) (0 if there are none, keeping the graph)."""
+    w = mask.to(values.dtype) if depth_weights is None else mask * depth_weights.to(values)
+    return (torch.where(mask, values, 0.0) * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def e2e_tv_loss(
-    draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None
+    draft_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    depth_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """End-to-end TV loss (paper Eq. 13): mean over chains of 1 - (1/g) sum_j prod_{i<=j} alpha_i.
 
     Masked positions count as alpha = 0 in their chain; chains masked at every depth are left
     out of the mean. Equals 1 - E[accepted drafts] / g of chain rejection sampling when the
-    depths are independent (the teacher-forced approximation, DESIGN.md §2).
+    depths are independent (the teacher-forced approximation, DESIGN.md §2). ``depth_weights``
+    [g] replaces the uniform 1/g by w_j / sum(w).
     """
     _check(draft_logits, target_probs, mask)
     m = _full_mask(draft_logits, mask)
     alpha = torch.where(m, acceptance_rates(draft_logits, target_probs), 0.0)
-    per_chain = 1 - torch.cumprod(alpha, dim=1).mean(dim=1)
-    return _masked_mean(per_chain, m.any(dim=1))
+    w = torch.ones(alpha.shape[1]) if depth_weights is None else depth_weights.to(alpha)
+    per_chain = 1 - (torch.cumprod(alpha, dim=1) * w).sum(dim=1) / w.sum()
+    return _masked_mean(per_chain[:, None], m.any(dim=1)[:, None])
 
 
-def tv_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def tv_loss(
+    draft_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    depth_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-depth total variation, mean over unmasked (chain, depth) of 1 - alpha (no product)."""
     _check(draft_logits, target_probs, mask)
     m = _full_mask(draft_logits, mask)
-    return _masked_mean(1 - acceptance_rates(draft_logits, target_probs), m)
+    return _masked_mean(1 - acceptance_rates(draft_logits, target_probs), m, depth_weights)
 
 
 def _kl_rows(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -129,17 +141,29 @@ def kl_per_position(draft_logits: torch.Tensor, target_probs: torch.Tensor, chun
     return torch.stack(cols, dim=1)
 
 
-def kl_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Forward KL(p || q), mean over unmasked (chain, depth)."""
+def kl_loss(
+    draft_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    depth_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward KL(p || q), mean over unmasked (chain, depth). With p restricted to a draft
+    vocabulary (mass m < 1 inside it) this is sum_D p log(p / q), minimised by q = p / m: the
+    target renormalised on the vocabulary, as EAGLE-3 / FR-Spec train."""
     _check(draft_logits, target_probs, mask)
-    return _masked_mean(kl_per_position(draft_logits, target_probs), _full_mask(draft_logits, mask))
+    return _masked_mean(kl_per_position(draft_logits, target_probs), _full_mask(draft_logits, mask), depth_weights)
 
 
 def _ce_rows(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), target_ids, reduction="none")
 
 
-def ce_loss(draft_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ce_loss(
+    draft_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    depth_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy against the sampled tokens ``target_ids`` [N, g] (DeepSeek-V3 MTP), mean over
     unmasked (chain, depth). Masked positions may hold any id (e.g. -1)."""
     if draft_logits.dim() != 3 or tuple(target_ids.shape) != tuple(draft_logits.shape[:2]):
@@ -150,11 +174,15 @@ def ce_loss(draft_logits: torch.Tensor, target_ids: torch.Tensor, mask: torch.Te
     m = _full_mask(draft_logits, mask)
     ids = torch.where(m, target_ids, 0).long()
     cols = [_chunked_rows(_ce_rows, draft_logits[:, j], ids[:, j], CHUNK_ROWS) for j in range(draft_logits.shape[1])]
-    return _masked_mean(torch.stack(cols, dim=1), m)
+    return _masked_mean(torch.stack(cols, dim=1), m, depth_weights)
 
 
 def hybrid_loss(
-    draft_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None = None, eta: float = HYBRID_ETA
+    draft_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    depth_weights: torch.Tensor | None = None,
+    eta: float = HYBRID_ETA,
 ) -> torch.Tensor:
     """lambda * KL + (1 - lambda) * TV per (chain, depth), lambda = exp(-eta * sg[alpha]): KL's
     strong gradient at a cold start (alpha ~ 0), TV once acceptance is high."""
@@ -163,7 +191,7 @@ def hybrid_loss(
     alpha = acceptance_rates(draft_logits, target_probs)
     lam = torch.exp(-eta * alpha.detach())
     per = lam * kl_per_position(draft_logits, target_probs) + (1 - lam) * (1 - alpha)
-    return _masked_mean(per, m)
+    return _masked_mean(per, m, depth_weights)
 
 
 LOSSES = ("ce", "kl", "tv", "e2e-tv", "hybrid")

@@ -1,10 +1,20 @@
-"""The frozen target's final hidden states for a data split, computed once and cached on disk.
+"""What the frozen target says about a data split, computed once and cached on disk.
 
-Train time needs, per sequence, the target's post-norm final hidden states (the head's input
-and, through the target's lm_head, the target distributions). Running the 30-layer target is
-the dominant cost on CPU, so the states are cached as one fp16 memmap ``[total_tokens, H]``
-aligned with ``tokens.npy``, filled for the sequences a run asks for and resumable
-(``hidden-*.json`` records which sequences are done). Caches live in the dataset folder (under $BEBOP_HOME).
+Train time needs, per sequence, the target's post-norm final hidden states ``h`` (the head's
+input) and the target's next-token distributions. Running the 30-layer target is the dominant
+cost on CPU, so one batched pass stores, aligned with ``tokens.npy``:
+
+- ``hidden-<key>.f16``: ``h`` as an fp16 memmap ``[total_tokens, H]``;
+- ``lse-<key>.f32``: the log-normaliser ``logsumexp(lm_head(h) / T)`` over the FULL vocabulary at
+  the sequence's own sampling temperature T, ``[total_tokens]``. With it the trainer recovers
+  the target's exact probabilities on any token subset D from ``h`` alone:
+  ``p_v = exp(lm_head_v(h) / T - lse)`` for v in D (a [n, |D|] matmul instead of [n, V]);
+- ``mass-<key>.npy``: the target probability summed over every completion position, per token
+  ``[V]`` (float64): how much of the target's sampled distribution each token carries, which
+  ranks the draft vocabulary (``bebop draft-vocab``).
+
+``hidden-<key>.json`` records which sequences are done (resumable). Caches live in the dataset
+folder (under $BEBOP_HOME), never in git.
 """
 
 from __future__ import annotations
@@ -17,8 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bebop_vllm.heads.target import final_hidden_states, load_target_model, read_target_config
+from bebop_vllm.hardware import cpu_has_bf16
+from bebop_vllm.heads.target import load_target_model, read_target_config, target_embedding_and_lm_head
 from bebop_vllm.train.dataset import SequenceSet
+
+CACHE_FORMAT = 2  # 2: hidden + lse + mass (1: hidden only)
 
 
 def _model_key(model_dir: Path) -> str:
@@ -27,27 +40,46 @@ def _model_key(model_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def cache_dtype() -> torch.dtype:
+    """Target forward dtype for the cache pass: bf16 where the CPU has native bf16 matmuls
+    (avx512_bf16 / AMX) or on CUDA, fp32 elsewhere (emulated bf16 is ~3x slower)."""
+    return torch.bfloat16 if (torch.cuda.is_available() or cpu_has_bf16()) else torch.float32
+
+
 class HiddenCache:
-    """fp16 memmap of target hidden states for the sequences in ``done`` of a split."""
+    """Target hidden states, log-normalisers and summed probabilities for the sequences in
+    ``done`` of a split."""
 
     def __init__(self, data_dir: Path, split: str, seqs: SequenceSet, model_dir: Path) -> None:
         self.seqs = seqs
         key = _model_key(model_dir)
-        self.path = data_dir / split / f"hidden-{key}.f16"
-        self.state_path = data_dir / split / f"hidden-{key}.json"
-        self.hidden_size = int(read_target_config(model_dir)["hidden_size"])
+        folder = Path(data_dir) / split
+        self.path = folder / f"hidden-{key}.f16"
+        self.lse_path = folder / f"lse-{key}.f32"
+        self.mass_path = folder / f"mass-{key}.npy"
+        self.state_path = folder / f"hidden-{key}.json"
+        cfg = read_target_config(model_dir)
+        self.hidden_size, self.vocab_size = int(cfg["hidden_size"]), int(cfg["vocab_size"])
         self.model_dir = model_dir
-        nbytes = len(seqs.tokens) * self.hidden_size * 2
-        if self.path.exists() and self.path.stat().st_size < nbytes:  # the split grew (appended chunks)
-            with open(self.path, "r+b") as f:
-                f.truncate(nbytes)
-        mode = "r+" if self.path.exists() else "w+"
-        self.array = np.memmap(self.path, dtype=np.float16, mode=mode, shape=(len(seqs.tokens), self.hidden_size))
+        n = len(seqs.tokens)
+        self.array = self._memmap(self.path, np.float16, (n, self.hidden_size))
+        self.lse = self._memmap(self.lse_path, np.float32, (n,))
         self.done: set[int] = set()
+        self.mass = np.zeros(self.vocab_size, dtype=np.float64)
         if self.state_path.exists():
             state = json.loads(self.state_path.read_text())
-            if state.get("tokens_sha") == self._tokens_sha(state["done"]):  # else: the data changed, recompute
+            fresh = state.get("format") == CACHE_FORMAT and state.get("tokens_sha") == self._tokens_sha(state["done"])
+            if fresh and self.mass_path.exists():  # else: the data or the format changed, recompute
                 self.done = set(state["done"])
+                self.mass = np.load(self.mass_path)
+
+    @staticmethod
+    def _memmap(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if path.exists() and path.stat().st_size < nbytes:  # the split grew (appended chunks)
+            with open(path, "r+b") as f:
+                f.truncate(nbytes)
+        return np.memmap(path, dtype=dtype, mode="r+" if path.exists() else "w+", shape=shape)
 
     def _tokens_sha(self, indices: list[int]) -> str:
         h = hashlib.sha256()
@@ -56,45 +88,99 @@ class HiddenCache:
         return h.hexdigest()
 
     def _save_state(self) -> None:
+        self.array.flush()
+        self.lse.flush()
+        np.save(self.mass_path, self.mass)
         done = sorted(self.done)
-        self.state_path.write_text(json.dumps({"done": done, "tokens_sha": self._tokens_sha(done)}))
+        state = {"format": CACHE_FORMAT, "done": done, "tokens_sha": self._tokens_sha(done)}
+        self.state_path.write_text(json.dumps(state))
 
-    def fill(self, indices: list[int], desc: str = "target hidden states", progress: bool = True) -> None:
-        """Compute the states of the sequences in ``indices`` not cached yet (fp32 target, progress bar)."""
-        todo = [i for i in indices if i not in self.done]
+    def fill(
+        self,
+        indices: list[int],
+        desc: str = "target hidden states",
+        progress: bool = True,
+        max_batch_tokens: int = 8192,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Compute what is not cached yet for the sequences in ``indices``: batches of
+        similar-length sequences (right-padded, at most ``max_batch_tokens`` padded tokens),
+        target in ``cache_dtype()`` unless ``dtype`` is given; progress bar; resumable."""
+        todo = sorted((i for i in set(indices) if i not in self.done), key=lambda i: self._len(i))
         if not todo:
             return
-        model = load_target_model(self.model_dir, torch.float32)
-        total = int(sum(self.seqs.offsets[i + 1] - self.seqs.offsets[i] for i in todo))
+        model = load_target_model(self.model_dir, dtype or cache_dtype())
+        _, lm_head = target_embedding_and_lm_head(self.model_dir, torch.float32)
+        batches, cur = [], []
+        for i in todo:
+            if cur and (len(cur) + 1) * self._len(i) > max_batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        batches.append(cur)
+        total = sum(self._len(i) for i in todo)
         with tqdm(total=total, desc=desc, unit="tok", dynamic_ncols=True, disable=not progress) as bar:
-            for k, i in enumerate(todo):
-                ids = torch.from_numpy(self.seqs.sequence(i).astype(np.int64))[None]
-                h = final_hidden_states(model, ids)[0]
-                self.array[self.seqs.offsets[i] : self.seqs.offsets[i + 1]] = h.to(torch.float16).numpy()
-                self.done.add(i)
-                if (k + 1) % 8 == 0 or k + 1 == len(todo):  # flush the data, then record progress
-                    self.array.flush()
+            for k, batch in enumerate(batches):
+                self._fill_batch(model, lm_head, batch)
+                if (k + 1) % 4 == 0 or k + 1 == len(batches):  # flush the data, then record progress
                     self._save_state()
-                bar.update(ids.shape[1])
+                bar.update(sum(self._len(i) for i in batch))
+
+    def _len(self, i: int) -> int:
+        return int(self.seqs.offsets[i + 1] - self.seqs.offsets[i])
+
+    @torch.no_grad()
+    def _fill_batch(self, model: torch.nn.Module, lm_head: torch.Tensor, batch: list[int]) -> None:
+        width = max(self._len(i) for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, i in enumerate(batch):
+            seq = torch.from_numpy(self.seqs.sequence(i).astype(np.int64))
+            ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
+        # right padding: real positions never attend to pads (causal), so their states are exact
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for r, i in enumerate(batch):
+            n, lo = self._len(i), int(self.seqs.offsets[i])
+            h16 = hidden[r, :n].to(torch.float16)
+            self.array[lo : lo + n] = h16.numpy()
+            # log-normaliser and probabilities from the fp16 states the trainer will read
+            logits = (h16.float() @ lm_head.T) / float(self.seqs.temperatures[i])
+            lse = torch.logsumexp(logits, dim=-1)
+            self.lse[lo : lo + n] = lse.numpy()
+            plen = int(self.seqs.prompt_lens[i])
+            if n - 1 > max(plen - 1, 0):  # positions that predict a completion token
+                probs = torch.exp(logits[max(plen - 1, 0) : n - 1] - lse[max(plen - 1, 0) : n - 1, None])
+                self.mass += probs.sum(0).double().numpy()
+            self.done.add(i)
 
     def put(self, i: int, hidden: torch.Tensor) -> None:
         """Store sequence i's states computed elsewhere (e.g. while sampling); call save() after."""
-        n = int(self.seqs.offsets[i + 1] - self.seqs.offsets[i])
+        n = self._len(i)
         if tuple(hidden.shape) != (n, self.hidden_size):
             raise ValueError(
                 f"hidden states for sequence {i} have shape {tuple(hidden.shape)}, expected {(n, self.hidden_size)}"
             )
-        self.array[self.seqs.offsets[i] : self.seqs.offsets[i + 1]] = hidden.to(torch.float16).numpy()
+        _, lm_head = target_embedding_and_lm_head(self.model_dir, torch.float32)
+        h16 = hidden.to(torch.float16)
+        lo = int(self.seqs.offsets[i])
+        self.array[lo : lo + n] = h16.numpy()
+        logits = (h16.float() @ lm_head.T) / float(self.seqs.temperatures[i])
+        self.lse[lo : lo + n] = torch.logsumexp(logits, dim=-1).numpy()
         self.done.add(i)
 
     def save(self) -> None:
-        self.array.flush()
         self._save_state()
 
     def hidden(self, i: int) -> torch.Tensor:
         """[L_i, H] float32 hidden states of sequence i (must be cached)."""
         if i not in self.done:
             raise IndexError(f"sequence {i} has no cached hidden states")
-        return torch.from_numpy(
-            np.asarray(self.array[self.seqs.offsets[i] : self.seqs.offsets[i + 1]], dtype=np.float32)
-        )
+        lo, hi = self.seqs.offsets[i], self.seqs.offsets[i + 1]
+        return torch.from_numpy(np.asarray(self.array[lo:hi], dtype=np.float32))
+
+    def log_normaliser(self, i: int) -> torch.Tensor:
+        """[L_i] float32: logsumexp of the target's full-vocabulary logits / T_i per position."""
+        if i not in self.done:
+            raise IndexError(f"sequence {i} has no cached hidden states")
+        lo, hi = self.seqs.offsets[i], self.seqs.offsets[i + 1]
+        return torch.from_numpy(np.asarray(self.lse[lo:hi], dtype=np.float32))
