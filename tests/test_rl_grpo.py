@@ -48,3 +48,46 @@ def test_train_step_kl_zero_then_positive():
     assert second["kl"] > 0  # the step moved the policy
     w = grpo.policy_weights(__import__("torch").bfloat16)
     assert "model.embed_tokens.weight" in w and all(t.dtype.is_floating_point for t in w.values())
+
+
+def _fake_steps(n, kl, gap, drift_from=None):
+    steps = []
+    for i in range(n):
+        mon = {"observed": 0.3 - gap, "predicted": 0.3, "gap": gap, "below_fit": gap > 0.05,
+               "drift": drift_from is not None and i >= drift_from}
+        spec = {"rollout_seconds": 2.0, "sync_seconds": 0.3, "stats": {"mean_tokens_per_verify_step": 1.6},
+                "monitor": mon}
+        plain = {"rollout_seconds": 3.0, "sync_seconds": 0.3, "stats": {"mean_tokens_per_verify_step": None}}
+        steps.append({"step": i, "train": {"reward": 0.5, "kl": kl * (i + 1) / n, "entropy": 0.8},
+                      "train_seconds": 5.0, "arms": {"bebop": spec, "plain": plain}})
+    return steps
+
+
+def test_rl_stability_verdict_and_report(tmp_path):
+    import sys
+
+    from bebop_vllm.paths import REPO_ROOT
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import rl_stability as rs
+
+    assert rs.verdict(_fake_steps(2, 0.2, 0.0))["verdict"] == "INCONCLUSIVE"  # too few steps
+    assert rs.verdict(_fake_steps(12, 0.01, 0.0))["verdict"] == "INCONCLUSIVE"  # policy did not move
+    assert rs.verdict(_fake_steps(12, 0.2, 0.01))["verdict"] == "HOLDS"
+    assert rs.verdict(_fake_steps(12, 0.2, 0.2, drift_from=4))["verdict"] == "FAILS"
+    assert rs.verdict(_fake_steps(12, 0.2, 0.2))["verdict"] == "MIXED"  # big gap, never two in a row flagged
+    steps = _fake_steps(12, 0.2, 0.01)
+    summ = rs.summarize(steps, ["bebop", "plain"])
+    assert summ["bebop"]["rollout_speedup_vs_plain"] == pytest.approx(1.5)
+    assert summ["bebop"]["rl_step_speedup_vs_plain"] == pytest.approx(8.3 / 7.3)
+    fit = {"label": "x", "entropy_range": [0.1, 2.0],
+           "positions": [{"intercept": 0.4, "slope": -0.05, "n": 5, "drafts": 50, "residual_sd": 0.1}]}
+    result = {"meta": {"command": "c", "started": "s", "wall_seconds": 1.0, "machine": "m"}, "arms": ["bebop", "plain"],
+              "fits": {"bebop": fit}, "greedy_crossover": None, "steps": steps, "summary": summ,
+              "verdict": rs.verdict(steps), "figure": "rl_stability.png"}
+    rs.write_md(result, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "## Verdict: HOLDS" in text and "| bebop | 2.00 |" in text
+    pytest.importorskip("matplotlib")
+    rs.plot(result, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
