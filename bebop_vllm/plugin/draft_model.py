@@ -17,6 +17,7 @@ vLLM registers this class twice: as ``BebopMTPModel`` (the heads' ``architecture
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import torch
@@ -32,6 +33,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.utils import maybe_prefix
+
+logger = logging.getLogger(__name__)
+
+# Rows of the draft lm_head compared with the target's on every draft step to notice a policy
+# update that loaded new values into the same Parameter (see BebopMTPModel._draft_lm_head_rows).
+_PROBE_ROWS = 16
 
 # HF names of the decoder layer's projections -> vLLM's fused parameters.
 _STACKED = (
@@ -102,6 +109,7 @@ class BebopMTPModel(nn.Module):
             self.config.vocab_size, self.config.hidden_size, prefix=maybe_prefix(prefix, "lm_head")
         )
         self.logits_processor = LogitsProcessor(self.config.vocab_size, scale=getattr(self.config, "logit_scale", 1.0))
+        self._heads_loaded = False  # set by the first (complete) load_weights
         self._init_draft_vocab(vllm_config, spec.draft_model_config.model)
 
     def _init_draft_vocab(self, vllm_config: VllmConfig, heads_dir: str) -> None:
@@ -114,7 +122,44 @@ class BebopMTPModel(nn.Module):
         ids = read_draft_vocab(heads_dir, size, self.config.vocab_size) if size else []
         self.register_buffer("draft_vocab_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         self._draft_lm_head: torch.Tensor | None = None  # lm_head rows of draft_vocab_ids
-        self._draft_lm_head_of: torch.Tensor | None = None  # the lm_head weight they were taken from
+        self._draft_lm_head_key: tuple | None = None  # what they were taken from (see _draft_lm_head_rows)
+        self._weights_generation = 0  # bumped by invalidate_weight_caches (RolloutEngine.update_policy)
+        n = len(ids)
+        probe = sorted({(i * (n - 1)) // max(_PROBE_ROWS - 1, 1) for i in range(_PROBE_ROWS)}) if n else []
+        self.register_buffer("_probe_rows", torch.tensor(probe, dtype=torch.long), persistent=False)
+
+    def invalidate_weight_caches(self) -> None:
+        """Forget everything derived from the target's weights (call after a policy update)."""
+        self._weights_generation += 1
+        self._draft_lm_head = None
+        self._draft_lm_head_key = None
+
+    def _draft_lm_head_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """The lm_head rows of ``draft_vocab_ids``, cached while the lm_head is unchanged.
+
+        vLLM's in-place reload (and TRL-style ``model.load_weights``) copies new values into the
+        *same* Parameter through ``param.data``, which changes neither its identity nor its
+        ``_version``. So the cache is also dropped when :meth:`invalidate_weight_caches` ran and,
+        on CPU, when any of ``_PROBE_ROWS`` rows spread over the draft vocabulary differ from the
+        cached copy (a gradient step through the softmax moves every lm_head row). On accelerators
+        the probe would cost a host sync per draft step, so there only the explicit invalidation
+        counts (``RolloutEngine.update_policy`` does it; see docs/rl.md for other loaders). A stale
+        cache could only cost acceptance, never exactness: the verifier checks the q it drafted from.
+        """
+        # Inference tensors keep no version counter (accessing it raises).
+        version = -1 if weight.is_inference() else weight._version
+        key = (id(weight), weight.data_ptr(), version, self._weights_generation)
+        cached = self._draft_lm_head
+        if cached is not None and key == self._draft_lm_head_key:
+            if weight.device.type != "cpu":
+                return cached
+            probe = self._probe_rows
+            rows = self.draft_vocab_ids.index_select(0, probe)
+            if torch.equal(weight.index_select(0, rows), cached.index_select(0, probe)):
+                return cached
+        cached = weight.index_select(0, self.draft_vocab_ids.to(weight.device)).contiguous()
+        self._draft_lm_head, self._draft_lm_head_key = cached, key
+        return cached
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -137,11 +182,7 @@ class BebopMTPModel(nn.Module):
         to the vocabulary."""
         if self.draft_vocab_ids.numel() == 0:
             return self.logits_processor(self.lm_head, hidden_states)
-        weight = self.lm_head.weight
-        if self._draft_lm_head_of is not weight:  # first call, or the proposer swapped lm_head in
-            self._draft_lm_head = weight.index_select(0, self.draft_vocab_ids.to(weight.device)).contiguous()
-            self._draft_lm_head_of = weight
-        sub = hidden_states @ self._draft_lm_head.T
+        sub = hidden_states @ self._draft_lm_head_rows(self.lm_head.weight).T
         scale = getattr(self.config, "logit_scale", 1.0)
         if scale != 1.0:
             sub = sub * scale
@@ -149,8 +190,15 @@ class BebopMTPModel(nn.Module):
         return logits.index_copy_(1, self.draft_vocab_ids.to(sub.device), sub)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load the heads checkpoint (first call: every head tensor required, nothing else allowed).
+
+        Later calls are weight syncs: some RL frameworks (SkyRL) push the whole policy into the
+        drafter on every sync. The heads are frozen and the embedding / lm_head are the target's
+        (shared by reference), so tensors that are not head tensors are ignored, with one log line.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        ignored: list[str] = []
         for name, tensor in weights:
             if name.startswith(("embed_tokens.", "lm_head.", "model.embed_tokens.")):
                 continue  # the target's, shared by the proposer
@@ -161,6 +209,9 @@ class BebopMTPModel(nn.Module):
                     target, shard = target.replace(part, fused), shard_id
                     break
             if target not in params:
+                if self._heads_loaded:
+                    ignored.append(name)
+                    continue
                 raise ValueError(f"unexpected tensor {name!r} in the bebop heads checkpoint")
             param = params[target]
             loader = getattr(param, "weight_loader", default_weight_loader)
@@ -170,8 +221,14 @@ class BebopMTPModel(nn.Module):
                 loader(param, tensor, shard)
             loaded.add(target)
         own = {n for n in params if not n.startswith(("model.embed_tokens.", "lm_head."))}
-        missing = own - loaded
-        if missing:
-            raise ValueError(f"bebop heads checkpoint lacks tensors for {sorted(missing)}")
+        if ignored:
+            logger.info("bebop heads: ignored %d tensors that are not head tensors (e.g. %r): the heads are "
+                        "frozen and share the target's embedding and lm_head", len(ignored), ignored[0])
+        if not self._heads_loaded:
+            missing = own - loaded
+            if missing:
+                raise ValueError(f"bebop heads checkpoint lacks tensors for {sorted(missing)}")
+            self._heads_loaded = True
+        self.invalidate_weight_caches()
         # Report the shared placeholders as loaded: the proposer swaps in the target's.
         return loaded | (set(params) - own)
