@@ -52,8 +52,8 @@ def trained(target: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         SequenceSet.from_lists([r.tolist() for r in out], [6] * n, [1.0] * n,
                                {"split": split, "domains": ["synthetic"]}).save(root / "data" / split)
     train(TrainConfig(model_dir=target, data_dir=root / "data", out_dir=root / "heads", steps=6,
-                      chains_per_step=32, draft_vocab_size=None, lr=3e-3, warmup_steps=1, eval_every=1000, save_every=1000,
-                      progress=False, save_dtype="fp32"))
+                      chains_per_step=32, draft_vocab_size=None, lr=3e-3, warmup_steps=1, eval_every=1000,
+                      save_every=1000, progress=False, save_dtype="fp32"))
     return root / "heads"
 
 
