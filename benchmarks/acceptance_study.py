@@ -1,4 +1,4 @@
-"""Reproduce the Bebop paper's findings on our model (issue 6): one command, resumable.
+"""Reproduce the Bebop paper's findings on our model (docs/study.md): one command, resumable.
 
     .venv/bin/python benchmarks/acceptance_study.py            # the full study (41 min on 2 AVX2 cores)
     .venv/bin/python benchmarks/acceptance_study.py --report-only   # rewrite study.md from study.json

@@ -6,7 +6,7 @@ return int32 ``[B, k+1]``. Each shape is timed alternately (vLLM, ours, ours + e
 a warm-up, and the medians and their ratio come from the same run.
 
 CPU: ours is the vectorised torch path; vLLM's RejectionSampler runs with its C++ CPU
-fallbacks, with the DESIGN.md §3 ``expand_batch_to_tokens`` bug patched (the bug returns
+fallbacks, with the ``expand_batch_to_tokens`` bug (docs/design.md#the-cpu-temperature-bug) patched (the bug returns
 uninitialised per-token temperatures: it makes vLLM's *outputs* wrong, not its speed).
 CUDA: ours are the Triton kernels; also reports effective bandwidth = (target logits read
 once + the draft-probability rows of the emitted positions) / time, as a fraction of the

@@ -2,7 +2,7 @@
 
 Everything here is plain, differentiable torch over the last (vocabulary) dimension, so the
 same definitions serve the vLLM hot path (through the kernels built on them), the metrics
-and the training losses (DESIGN.md §2).
+and the training losses (docs/design.md#the-math).
 """
 
 from __future__ import annotations

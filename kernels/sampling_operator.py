@@ -1,7 +1,7 @@
 """vLLM 0.32's target-distribution operator: temperature, then top-k and top-p jointly.
 
 Rejection sampling is exact only for the distribution it is given, so the verifier must
-build the very distribution vLLM's own sampler would sample from (DESIGN.md §2). This module
+build the very distribution vLLM's own sampler would sample from (docs/design.md#the-math). This module
 reproduces, op for op, what vLLM 0.32 does to target logits:
 
 - temperature: ``vllm/v1/sample/rejection_sampler.py`` ``apply_sampling_constraints`` divides

@@ -5,7 +5,7 @@ draft ids ``[Nd]``, ``num_draft_tokens``, per-request temperature / top-k / top-
 vLLM's ``SpecDecodeMetadata`` + ``SamplingMetadata`` here. Importing vLLM is slow, so this
 module imports it lazily and nothing on the production path imports this module.
 
-vLLM 0.32 CPU bug (DESIGN.md §3): ``expand_batch_to_tokens`` returns uninitialised memory on
+vLLM 0.32 CPU bug (docs/design.md#the-cpu-temperature-bug): ``expand_batch_to_tokens`` returns uninitialised memory on
 CPU, so vLLM's per-token temperature / top-k / top-p are garbage there.
 ``fixed_expand_batch_to_tokens`` is the ``repeat_interleave`` replacement; pass
 ``fix_cpu_expand=True`` to run vLLM's sampler with it (it affects vLLM's correctness, not

@@ -1,4 +1,4 @@
-"""The acceptance study (issue 6): its statistics, its teacher-forced acceptance against the
+"""The acceptance study (docs/study.md): its statistics, its teacher-forced acceptance against the
 heads' slow reference drafting, its verdict rules, and the ``--quick`` pipeline end to end."""
 
 from __future__ import annotations

@@ -8,28 +8,26 @@ exactly. Ties are provoked with integer-valued logits.
 
 from __future__ import annotations
 
+# vLLM is part of every install (cpu / gpu extra): a broken install fails here, it is not skipped.
 import pytest
 import torch
-
-pytest.importorskip("vllm")
-
-from bebop_vllm.kernels import greedy_verify, rejection_sample_from_logits  # noqa: E402
-from bebop_vllm.kernels.layout import build_layout  # noqa: E402
-from bebop_vllm.kernels.sampling_operator import (  # noqa: E402
+from bebop_vllm.kernels import greedy_verify, rejection_sample_from_logits
+from bebop_vllm.kernels.layout import build_layout
+from bebop_vllm.kernels.sampling_operator import (
     apply_temperature,
     apply_top_k_top_p_reference,
     effective_temperature,
 )
-from bebop_vllm.kernels.vllm_baseline import (  # noqa: E402
+from bebop_vllm.kernels.vllm_baseline import (
     cpu_expand_fixed,
     make_sampling_metadata,
     make_spec_decode_metadata,
     make_vllm_rejection_sampler,
     vllm_rejection_sample,
 )
-from vllm.v1.sample import rejection_sampler as vllm_rs  # noqa: E402
-from vllm.v1.sample.ops import topk_topp_sampler as vllm_topk  # noqa: E402
-from vllm.v1.sample.sampler import Sampler  # noqa: E402
+from vllm.v1.sample import rejection_sampler as vllm_rs
+from vllm.v1.sample.ops import topk_topp_sampler as vllm_topk
+from vllm.v1.sample.sampler import Sampler
 
 
 def _logits(rows: int, vocab: int, seed: int, ties: bool) -> torch.Tensor:

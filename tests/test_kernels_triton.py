@@ -29,7 +29,7 @@ in_interpreter = pytest.mark.skipif(
 def test_triton_kernels_match_torch_under_interpreter() -> None:
     if INTERPRETED:
         pytest.skip("this is the interpreter subprocess itself")
-    pytest.importorskip("triton")
+    import triton  # noqa: F401 - part of every install (cpu / gpu extra): a broken one must fail, not skip
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],

@@ -1,4 +1,4 @@
-"""Head-training losses: Monte-Carlo agreement with real chain rejection sampling, gradients,
+"""Head-training losses: Monte-Carlo agreement with the shipped rejection-sampling kernel, gradients,
 alpha = 0 safety, masking. Small shapes: runs in a few seconds."""
 
 from __future__ import annotations
@@ -19,18 +19,20 @@ def _rand_dists(n: int, g: int, v: int, seed: int, sharp: float = 2.0) -> tuple[
 
 
 def _simulate_accepted(p: torch.Tensor, q: torch.Tensor, sims: int, gen: torch.Generator) -> torch.Tensor:
-    """Real chain rejection sampling with independent depths: draft x ~ q_j, accept with
-    min(1, p_j(x)/q_j(x)); the chain stops at the first rejection. Returns accepted counts [sims]."""
-    g = p.shape[0]
-    alive = torch.ones(sims, dtype=torch.bool)
-    accepted = torch.zeros(sims)
-    for j in range(g):
-        x = torch.multinomial(q[j], sims, replacement=True, generator=gen)
-        ratio = (p[j, x] / q[j, x]).clamp(max=1.0)
-        ok = torch.rand(sims, generator=gen) < ratio
-        alive &= ok
-        accepted += alive.float()
-    return accepted
+    """Accepted-draft counts [sims] from the shipped verifier (``bebop_vllm.kernels.rejection_sample``).
+
+    ``sims`` requests, each drafting x_j ~ q_j independently at depths j = 1..g (the teacher-forced
+    setting the loss models: depth j's p and q do not depend on the drafted prefix); the kernel
+    accepts with min(1, p_j(x)/q_j(x)) and stops at the first rejection.
+    """
+    from bebop_vllm.kernels import rejection_sample
+
+    g, v = p.shape
+    drafts = torch.stack([torch.multinomial(q[j], sims, replacement=True, generator=gen) for j in range(g)], 1)
+    target = torch.cat([p, p[-1:]]).float().repeat(sims, 1)  # per request: g draft rows, then a bonus row
+    _, num_accepted = rejection_sample(target.contiguous(), drafts.reshape(-1), [g] * sims,
+                                       q.float().repeat(sims, 1).contiguous(), generator=gen)
+    return num_accepted.float()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

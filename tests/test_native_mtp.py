@@ -139,14 +139,18 @@ class NativeMTPReference(nn.Module):
         return self.layer(x, position_embeddings=self.rotary(x, pos), attention_mask=mask, position_ids=pos)[0, -1]
 
     @torch.no_grad()
-    def chain_probs(self, hidden: torch.Tensor, token_ids: list[int], drafts: list[int]) -> torch.Tensor:
+    def chain_probs(self, hidden: torch.Tensor, token_ids: list[int], drafts: list[int],
+                    normed_recursion: bool = True) -> torch.Tensor:
+        """``normed_recursion=False``: the llama-style control (next depth fed the pre-norm output)."""
         n = len(token_ids) - 1
         entries = [self.entry(torch.tensor(token_ids[p + 1]), hidden[p]) for p in range(n)]
-        out = self.norm(self.last(entries))  # vLLM's MTP returns the normed output ...
+        raw = self.last(entries)
+        out = self.norm(raw)  # vLLM's MTP returns the normed output ...
         probs = [torch.softmax(out @ self.lm_head.T, -1)]
         for d in drafts:
-            entries.append(self.entry(torch.tensor(d), out))  # ... and it is the next depth's hidden
-            out = self.norm(self.last(entries))
+            entries.append(self.entry(torch.tensor(d), out if normed_recursion else raw))  # ... the next hidden
+            raw = self.last(entries)
+            out = self.norm(raw)
             probs.append(torch.softmax(out @ self.lm_head.T, -1))
         return torch.stack(probs)
 
@@ -162,9 +166,16 @@ def test_exported_native_mtp_drafts_what_the_heads_draft(exported: Path, trained
         tokens, drafts = ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist()
         ours = draft_chain_probs(head, hidden, tokens, drafts)
         torch.testing.assert_close(ours, ref.chain_probs(hidden, tokens, drafts), atol=1e-6, rtol=1e-4)
-    # the comparison has teeth: the native (pre-export) weights or llama-style recursion differ
-    other = NativeMTPReference(target).chain_probs(hidden, ids[:9].tolist(), ids[9:11].tolist())
-    assert (other - draft_chain_probs(head, hidden, ids[:9].tolist(), ids[9:11].tolist())).abs().max() > 1e-3
+    # the comparison has teeth: the native (pre-export) weights differ ...
+    tokens, drafts = ids[:9].tolist(), ids[9:11].tolist()
+    ours = draft_chain_probs(head, hidden, tokens, drafts)
+    other = NativeMTPReference(target).chain_probs(hidden, tokens, drafts)
+    assert (other - ours).abs().max() > 1e-3
+    # ... and so does llama-style recursion (the next depth fed the pre-norm output), at the depths
+    # it affects: depth 1 is the same computation, depths 2-3 are not
+    llama_style = ref.chain_probs(hidden, tokens, drafts, normed_recursion=False)
+    torch.testing.assert_close(llama_style[0], ours[0], atol=1e-6, rtol=1e-4)
+    assert (llama_style[1:] - ours[1:]).abs().max() > 1e-3
 
 
 def test_unroll_matches_sequential_drafting_for_qwen3_5_heads(trained: Path, target: Path) -> None:

@@ -43,7 +43,7 @@ def fallback_draft_entropy(logits: torch.Tensor, metadata: Any, sampling_metadat
     reps = torch.tensor(num_draft, dtype=torch.long, device=target.device)
 
     def per_token(values: torch.Tensor | None) -> torch.Tensor | None:
-        # repeat_interleave, not vLLM's expand_batch_to_tokens: broken on CPU in 0.32 (DESIGN.md §3).
+        # repeat_interleave, not vLLM's expand_batch_to_tokens (broken on CPU: docs/design.md#the-cpu-temperature-bug)
         return None if values is None else values[: len(num_draft)].repeat_interleave(reps, dim=0)
 
     temperature = effective_temperature(per_token(sampling_metadata.temperature))

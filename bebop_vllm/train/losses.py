@@ -2,7 +2,7 @@
 
 Row n is one draft chain, column j its depth j + 1; ``target_probs`` is stop-gradient (the
 frozen target's tempered distribution i positions ahead) and ``mask`` [N, g] is False where the
-chain runs past the end of its sequence. Math: DESIGN.md §2.
+chain runs past the end of its sequence. Math: docs/design.md#the-math.
 
 Memory: the vocabulary math runs over row chunks of ``CHUNK_ROWS`` rows per depth; the
 acceptance rate's forward holds two [chunk, V] fp32 temporaries (q and min(p, q)) and its
@@ -94,8 +94,8 @@ def e2e_tv_loss(
 
     Masked positions count as alpha = 0 in their chain; chains masked at every depth are left
     out of the mean. Equals 1 - E[accepted drafts] / g of chain rejection sampling when the
-    depths are independent (the teacher-forced approximation, DESIGN.md §2). ``depth_weights``
-    [g] replaces the uniform 1/g by w_j / sum(w).
+    depths are independent (the teacher-forced approximation, docs/design.md#the-math).
+    ``depth_weights`` [g] replaces the uniform 1/g by w_j / sum(w).
     """
     _check(draft_logits, target_probs, mask)
     m = _full_mask(draft_logits, mask)

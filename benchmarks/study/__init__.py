@@ -1,4 +1,4 @@
-"""Helpers of ``benchmarks/acceptance_study.py`` (issue 6): one module per stage of the study.
+"""Helpers of ``benchmarks/acceptance_study.py`` (docs/study.md): one module per stage of the study.
 
 - :mod:`study.common`    config, stage cache, head discovery, small utilities
 - :mod:`study.engine`    vLLM runs in subprocesses: sampling held-out continuations, timed generation

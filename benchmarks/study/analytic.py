@@ -12,7 +12,7 @@ tests prove equal to sequential KV-cached drafting). Per chain and depth j:
 - expected tokens per verify step E[tau] = 1 + sum_j prod_{i<=j} alpha_i (full chains);
 - draft acceptance rate (vLLM's definition: accepted / drafted) = (E[tau] - 1) / g.
 
-Teacher forcing feeds the sampled tokens to depth j > 1 (DESIGN.md §2): exact when the draft
+Teacher forcing feeds the sampled tokens to depth j > 1 (docs/design.md#the-math): exact when the draft
 matches the target, an approximation otherwise; the engine runs cross-check it.
 """
 

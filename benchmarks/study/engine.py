@@ -21,7 +21,7 @@ from typing import Any
 
 
 def speculative_config(head_dir: str, mode: str, num_depths: int) -> dict[str, Any]:
-    """The bebop method's options for one head and draft mode (issue 5's schema)."""
+    """The bebop method's options for one head and draft mode (the schema of bebop_vllm.config.BebopOptions)."""
     return {
         "method": "bebop",
         "model": head_dir,

@@ -1,4 +1,9 @@
-"""A named, version-pinned monkey patch of one vLLM internal."""
+"""A named, version-pinned monkey patch of one vLLM internal.
+
+What a patch replaces is pinned twice: here by its parameter names (checked right before
+patching) and in :mod:`bebop_vllm.plugin.upstream` by a fingerprint of the upstream source per
+supported vLLM release (checked by ``register()`` for every patch before any is applied).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ class Patch:
     parameter names the original must have (checked before patching). ``make_replacement``
     receives the original and returns the replacement. ``also`` lists further
     ``(module, owner, attr)`` places that imported the same object by name and must see
-    the replacement too.
+    the replacement too. ``applies`` (default: always) says whether this process needs the
+    patch at all (e.g. only on CPU hosts); a patch that does not apply is left out, not failed.
     """
 
     name: str
@@ -33,6 +39,7 @@ class Patch:
     owner: str | None = None
     expected_params: tuple[str, ...] | None = None
     also: tuple[tuple[str, str | None, str], ...] = ()
+    applies: Callable[[], bool] | None = None
     applied: bool = field(default=False, init=False)
     original: Any = field(default=None, init=False)
 
@@ -49,18 +56,23 @@ class Patch:
                              f"it replaces {self.upstream}")
         return getattr(mod, owner)
 
-    def apply(self) -> None:
-        """Check the target, then swap in the replacement (idempotent)."""
-        if self.applied:
-            return
+    def needed(self) -> bool:
+        """Whether this process needs the patch (its ``applies`` predicate; default True)."""
+        return self.applies is None or bool(self.applies())
+
+    def check(self) -> Any:
+        """Raise :class:`PatchError` if the target is missing or its parameters changed.
+
+        Returns the current (static) attribute. Changes nothing, so ``register()`` can check
+        every patch before applying any.
+        """
         container = self._container(self.module, self.owner)
         where = f"{self.module}.{self.owner + '.' if self.owner else ''}{self.attr}"
         if not hasattr(container, self.attr):
             raise PatchError(f"patch {self.name!r}: {where} not found; it replaces {self.upstream}")
         original = inspect.getattr_static(container, self.attr)
         if getattr(original, "__bebop_patch__", None) == self.name:
-            self.applied = True
-            return
+            return original
         if self.expected_params is not None:
             func = original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
             target = func.__init__ if inspect.isclass(func) else func
@@ -69,6 +81,21 @@ class Patch:
                 raise PatchError(
                     f"patch {self.name!r}: {where} has parameters {params}, expected "
                     f"{self.expected_params} (written for {self.upstream})")
+        for module, owner, attr in self.also:
+            if getattr(self._container(module, owner), attr, None) is not original:
+                raise PatchError(f"patch {self.name!r}: {module}.{attr} is not the object "
+                                 f"{where}; it replaces {self.upstream}")
+        return original
+
+    def apply(self) -> None:
+        """Check the target, then swap in the replacement (idempotent)."""
+        if self.applied:
+            return
+        original = self.check()
+        if getattr(original, "__bebop_patch__", None) == self.name:
+            self.applied = True
+            return
+        container = self._container(self.module, self.owner)
         replacement = self.make_replacement(original)
         try:
             replacement.__bebop_patch__ = self.name
@@ -76,10 +103,6 @@ class Patch:
             pass
         setattr(container, self.attr, replacement)
         for module, owner, attr in self.also:
-            other = self._container(module, owner)
-            if getattr(other, attr, None) is not original:
-                raise PatchError(f"patch {self.name!r}: {module}.{attr} is not the object "
-                                 f"{where}; it replaces {self.upstream}")
-            setattr(other, attr, replacement)
+            setattr(self._container(module, owner), attr, replacement)
         self.original = original
         self.applied = True

@@ -5,8 +5,16 @@ launches ``expand_kernel``, which the CPU platform routes to ``_expand_kernel_im
 (vllm/utils/cpu_triton_utils.py:390-404). That passes an int64 *copy* of ``output`` to the C++ op
 and never copies it back, so float/int32 outputs stay uninitialised: every non-greedy speculative
 request samples from a wrong target distribution. We replace ``expand_batch_to_tokens`` with a
-``repeat_interleave`` (exact on every device, no host sync thanks to ``output_size``). Applied for
-both verifiers so that bebop-vs-vLLM comparisons are fair.
+``repeat_interleave`` (exact on every device, no host sync thanks to ``output_size``).
+
+Effect on engines that are not bebop: this is the one patch that changes vLLM's own behaviour,
+for every speculative engine on a CPU host (vLLM's verifier calls the same function), and it
+does so on purpose: it turns wrong outputs into right ones (docs/design.md#the-cpu-temperature-bug).
+It therefore applies only where the bug exists: on CPU hosts (``applies``; on CUDA
+``expand_kernel`` is a working Triton kernel and the function is left alone) and only on
+releases whose ``_expand_kernel_impl`` has the recorded (buggy) source (the fingerprint check).
+Engines without speculation never call it. Applied for both verifiers, so bebop-vs-vLLM
+comparisons on CPU are fair.
 """
 
 from __future__ import annotations
@@ -37,6 +45,13 @@ def expand_batch_to_tokens(
     return values.repeat_interleave(counts, dim=0, output_size=num_tokens)
 
 
+def on_cpu_host() -> bool:
+    """Whether vLLM runs on its CPU platform in this process (where the bug lives)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def _make_replacement(original: Any) -> Any:
     return functools.wraps(original)(expand_batch_to_tokens)
 
@@ -48,4 +63,5 @@ PATCH = Patch(
     attr="expand_batch_to_tokens",
     expected_params=("x", "cu_num_tokens", "num_tokens", "replace_from", "replace_to"),
     make_replacement=_make_replacement,
+    applies=on_cpu_host,
 )

@@ -10,7 +10,9 @@ that choice's own sequence, so n > 1 responses carry each sequence's metrics:
 * streaming: on the chunk that carries the choice's ``finish_reason``.
 
 The wrappers only read the ``RequestOutput``s flowing through the generator and add a key;
-they never change what vLLM computes.
+they never change what vLLM computes. Effect on engines that are not bebop: none unless the
+engine runs vLLM's own ``per_request_spec_decode_metrics``; then its choices gain the same
+per-choice key (a sequence without a record gets nothing).
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ vLLM 0.32.0) lists something. We add "the bebop speculative method" to that list
 ``additional_config`` carries bebop options, so they run on V1 without any environment variable.
 An explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` would bypass that list: we refuse it with a clear
 error instead of silently verifying with vLLM's V2 sampler. (On CPU vLLM always uses V1.)
+
+Effect on engines that are not bebop: none. The wrapper returns vLLM's list unchanged unless
+``additional_config`` has a "bebop" key, which only the ``speculative_config`` patch writes.
 """
 
 from __future__ import annotations

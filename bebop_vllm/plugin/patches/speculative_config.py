@@ -7,6 +7,15 @@ and become ``method="eagle"`` + ``draft_sample_method``; the validated options t
 workers in ``additional_config["bebop"]`` and set ``per_request_spec_decode_metrics``;
 ``draft_length="entropy"`` also turns off async scheduling (see ``draft_length`` patch). The same
 code path serves ``LLM(...)`` and the OpenAI server (both build an ``EngineArgs``).
+
+Lossy verification modes are refused: method "bebop" is exact rejection sampling, and vLLM
+0.33's ``rejection_sample_method="fly"`` (FLy: entropy-gated loose acceptance) or
+``"synthetic"`` would change what is emitted. The options model already forbids unknown keys;
+:func:`refuse_lossy_verification` names the reason, and the translated config states
+``rejection_sample_method="standard"`` explicitly so no default can switch it.
+
+Effect on engines that are not bebop: none. Configs whose method is not "bebop" reach vLLM's
+function untouched (``translate`` returns before reading anything else).
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
         engine_args.spec_method = None
     if not isinstance(spec, dict) or spec.get("method") != METHOD_NAME:
         return
+    refuse_lossy_verification(spec)
     from bebop_vllm.plugin.patches.runner_v2_guard import check_not_forced_v2
 
     opts = parse_options(spec)
@@ -80,6 +90,8 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
         "model": heads_dir,
         "num_speculative_tokens": k,
         "draft_sample_method": opts.draft_sampling,
+        # exact rejection sampling only (never vLLM 0.33's lossy "fly" nor "synthetic")
+        "rejection_sample_method": "standard",
     }
     if opts.draft_length == "entropy":
         # Per-request draft lengths reach the scheduler only on the synchronous path
@@ -96,6 +108,30 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
     engine_args.additional_config = additional
     if getattr(engine_args, "per_request_spec_decode_metrics", "none") == "none":
         engine_args.per_request_spec_decode_metrics = opts.metrics
+
+
+# vLLM speculative-config keys that only exist to make verification lossy.
+LOSSY_KEYS = ("fly_window_size", "fly_entropy_threshold", "fly_entropy_top_k", "synthetic_acceptance_rates")
+LOSSY_METHODS = ("fly", "synthetic")
+
+
+def refuse_lossy_verification(spec: dict[str, Any]) -> None:
+    """Refuse verification settings that make speculative decoding lossy (FLy, synthetic).
+
+    Any other vLLM-only key (e.g. ``rejection_sample_method="block"``) is then refused by the
+    options model as an unknown key.
+    """
+    from bebop_vllm.config import BebopSpecError
+
+    cleaned = {str(k).replace("-", "_"): v for k, v in spec.items()}
+    method = cleaned.get("rejection_sample_method")
+    keys = [k for k in cleaned if k in LOSSY_KEYS]
+    if method in LOSSY_METHODS or keys:
+        what = ", ".join([f"rejection_sample_method={method!r}"] * (method in LOSSY_METHODS) + keys)
+        raise BebopSpecError(
+            f"method 'bebop' verifies with exact rejection sampling; {what} would make it lossy "
+            "(vLLM's 'fly' mode accepts drafts the target would not have sampled) and is not "
+            "supported. Drop it, or use vLLM's own method 'eagle' / 'mtp' for lossy verification.")
 
 
 def _check_draft_vocab(size: int, heads_dir: str, target_model_config: Any, engine_args: Any) -> None:

@@ -1,0 +1,155 @@
+"""Benchmark: chain positions per second of the old and the new head trainer, side by side.
+
+"Old" is ``bebop train`` as it was at commit OLD_COMMIT (the trainer that made the heads shipped
+before this benchmark): per step 2 sequences x 64 randomly chosen chains, fp32, the full
+49,152-token vocabulary, unrolling the head over the whole sequence for those 64 chains. Its
+package is taken from git (``git archive``) into a temporary folder and run in a subprocess.
+"New" is today's ``bebop train``: every completion chain of whole sequences, logits over the
+draft vocabulary, bf16 matmuls where the CPU has them. Ablations of the new trainer (full
+vocabulary / fp32) show where the gain comes from. Every arm runs in its own subprocess, one
+after the other, on the same data, target cache and threads, for a fixed number of steps; the
+rate is the trainer's own ``chain_positions_per_second`` (training loop only, the final
+held-out eval excluded). Repeats alternate the arms; medians are reported.
+
+Needs the data and target cache of ``bebop generate-data`` / ``bebop train`` under $BEBOP_HOME.
+
+    .venv/bin/python benchmarks/bench_trainer.py            # the committed results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+OLD_COMMIT = "7257858"  # last commit with the old trainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
+    p.add_argument("--old-steps", type=int, default=12, help="optimizer steps of the old trainer per run (default 12)")
+    p.add_argument("--new-steps", type=int, default=6, help="optimizer steps of each new-trainer arm (default 6)")
+    p.add_argument("--repeats", type=int, default=2, help="runs per arm, alternating (default 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every arm (default: all cores)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "trainer", help="results prefix (.json/.md)")
+    return p.parse_args(argv)
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
+    except OSError:
+        pass
+    return []
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_arm(name: str, pythonpath: Path, args: list[str], threads: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "heads"
+        env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS=str(threads))
+        cmd = [sys.executable, "-m", "bebop_vllm.cli", "train", "--out", str(out), *args]
+        t0 = time.time()
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
+        if res.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        log = json.loads((out / "train_log.json").read_text())
+        rate = float(log["chain_positions_per_second"])
+        print(f"  {name}: {rate:.1f} chain positions/s ({time.time() - t0:.0f} s with start-up and eval)", flush=True)
+        return rate
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    data = ["--data", str(args.data)] if args.data else []
+    common = [*data, "--loss", "kl", "--heldout-sequences", "2", "--eval-every", "100000", "--seed", "0"]
+    with tempfile.TemporaryDirectory() as old_pkg:
+        subprocess.run(
+            f"git -C {shlex.quote(str(REPO))} archive {OLD_COMMIT} bebop_vllm | tar -x -C {shlex.quote(old_pkg)}",
+            shell=True,
+            check=True,
+        )
+        arms = {
+            # the settings that trained the previously shipped heads (docs/training.md)
+            "old trainer (2 seqs x 64 chains, fp32, V=49152)": (
+                Path(old_pkg),
+                [*common, "--steps", str(args.old_steps), "--seqs-per-step", "2", "--max-chains-per-seq", "64",
+                 "--dtype", "fp32"],
+            ),
+            "new trainer (every chain, 4096/step, auto dtype, D=16384)": (
+                REPO,
+                [*common, "--steps", str(args.new_steps), "--chains-per-step", "4096"],
+            ),
+            "new trainer, full vocabulary": (
+                REPO,
+                [*common, "--steps", str(args.new_steps), "--chains-per-step", "4096", "--draft-vocab-size", "0"],
+            ),
+            "new trainer, fp32": (
+                REPO,
+                [*common, "--steps", str(args.new_steps), "--chains-per-step", "4096", "--dtype", "fp32"],
+            ),
+        }
+        rates: dict[str, list[float]] = {k: [] for k in arms}
+        t0 = time.time()
+        for r in range(args.repeats):
+            print(f"repeat {r + 1}/{args.repeats}", flush=True)
+            for name, (path, arm_args) in arms.items():
+                rates[name].append(run_arm(name, path, arm_args, args.threads))
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    old = medians[next(iter(arms))]
+    result = {
+        "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_trainer.py", *(argv or sys.argv[1:])]),
+        "old_commit": OLD_COMMIT,
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "threads": args.threads,
+        "wall_seconds": round(time.time() - t0, 1),
+        "chain_positions_per_second": rates,
+        "median": medians,
+        "speedup_vs_old": {k: round(v / old, 2) for k, v in medians.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [
+        "# Trainer throughput: old vs new (chain positions per second)",
+        "",
+        f"`{result['command']}` — {result['cpu']}, {args.threads} threads, flags: {' '.join(result['cpu_flags'])}; "
+        f"{args.repeats} alternating runs per arm, median; loss kl; wall {result['wall_seconds']} s.",
+        "",
+        "| trainer | chain positions/s (runs) | median | vs old |",
+        "|---|---|---|---|",
+    ]
+    for k, v in rates.items():
+        lines.append(
+            f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {medians[k]:.0f} | {result['speedup_vs_old'][k]:.2f}x |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
