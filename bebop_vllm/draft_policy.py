@@ -30,6 +30,7 @@ policy changes speed only, never the output distribution.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -93,12 +94,13 @@ def plan_draft_lengths(alphas: Sequence[float], max_k: int, step_seconds: Callab
         cheapest = step_seconds(base + 1, depths)
         if cheapest > 0 and (batch + sum(g[0] for g in gains)) / cheapest <= best_rate:
             continue
-        total = float(batch)
-        for m, (gain, _, _) in enumerate(gains, start=1):
-            total += gain
-            if gain <= 0.0:
+        values = [g[0] for g in gains]
+        totals = list(itertools.accumulate(values, initial=float(batch)))[1:]
+        counts = range(1, len(values) + 1)
+        seconds_of = _batched(step_seconds, [base + m for m in counts], depths)
+        for m, total, seconds in zip(counts, totals, seconds_of, strict=True):
+            if values[m - 1] <= 0.0:
                 break
-            seconds = step_seconds(base + m, depths)
             rate = total / seconds if seconds > 0 else float("inf")
             if rate > best_rate * (1.0 + 1e-9):
                 best_rate, best_key = rate, (depths, m, total, seconds, gains)
@@ -109,6 +111,19 @@ def plan_draft_lengths(alphas: Sequence[float], max_k: int, step_seconds: Callab
     for _, j, i in gains[:m]:
         lengths[i] = max(lengths[i], j)
     return DraftPlan(tuple(lengths), max(lengths), total, seconds, plain_rate)
+
+
+def _batched(step_seconds: Callable[[int, int], float], tokens: list[int], depths: int) -> list[float]:
+    """step_seconds over many token counts: one vectorised call when it takes a numpy array."""
+    try:
+        import numpy as np
+
+        out = step_seconds(np.asarray(tokens), depths)  # type: ignore[arg-type]
+        if isinstance(out, np.ndarray) and out.shape == (len(tokens),):
+            return out.tolist()
+    except (TypeError, ValueError, ImportError):
+        pass
+    return [step_seconds(n, depths) for n in tokens]
 
 
 @dataclass

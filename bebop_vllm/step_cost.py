@@ -56,6 +56,20 @@ def interpolate(points: Sequence[tuple[int, float]], x: float) -> float:
     return y1 + max(y1 - y0, 0.0) / (x1 - x0) * (x - x1)
 
 
+def interpolate_array(points: Sequence[tuple[int, float]], xs: Any) -> Any:
+    """:func:`interpolate` over a numpy array."""
+    import numpy as np
+
+    xs = np.asarray(xs, dtype=np.float64)
+    px = np.array([p[0] for p in points], dtype=np.float64)
+    py = np.array([p[1] for p in points], dtype=np.float64)
+    out = np.interp(xs, px, py)
+    if len(points) == 1:
+        return np.where(xs > px[0], py[0] * xs / px[0], py[0])
+    slope = max(py[-1] - py[-2], 0.0) / (px[-1] - px[-2])
+    return np.where(xs > px[-1], py[-1] + slope * (xs - px[-1]), out)
+
+
 @dataclass
 class StepCostModel:
     """Four cost curves (see module doc), seconds; ``source`` says where they came from."""
@@ -75,8 +89,12 @@ class StepCostModel:
                 raise ValueError(f"step cost curve {name!r} needs distinct points (tokens >= 1, seconds >= 0)")
             setattr(self, name, pts)
 
-    def step_seconds(self, num_tokens: int, depths: int, batch: int) -> float:
-        seconds = interpolate(self.target, num_tokens) + interpolate(self.draft_pass, num_tokens)
+    def step_seconds(self, num_tokens: Any, depths: int, batch: int) -> Any:
+        """Seconds of one step; ``num_tokens`` an int or a numpy array (then an array)."""
+        if not isinstance(num_tokens, (int, float)):
+            seconds = interpolate_array(self.target, num_tokens) + interpolate_array(self.draft_pass, num_tokens)
+        else:
+            seconds = interpolate(self.target, num_tokens) + interpolate(self.draft_pass, num_tokens)
         if depths > 0:
             seconds += depths * interpolate(self.draft_head, batch)
             seconds += (depths - 1) * interpolate(self.draft_forward, batch)

@@ -354,3 +354,16 @@ def test_step_entropies_one_transfer_matches_separate_computations(monkeypatch):
     assert p2["a"] == pytest.approx(me.entropy(torch.softmax(plain[0], -1)).item(), rel=1e-5)
     assert me.step_entropies(verifier, plain, None, sampling, torch.zeros(3, 1), ["a", "b", "c"],
                              want_metrics=True, want_policy=False) == ({}, {})
+
+
+def test_vectorised_costs_match_scalar_ones():
+    import numpy as np
+
+    from bebop_vllm.step_cost import interpolate_array
+
+    for pts in ([(1, 1.0), (16, 2.0), (256, 9.0)], [(4, 2.0)]):
+        xs = [0, 1, 3, 4, 10, 16, 100, 256, 1000]
+        assert np.allclose(interpolate_array(pts, xs), [interpolate(pts, x) for x in xs])
+    model = default_model(on_gpu=False)
+    assert np.allclose(model.step_seconds(np.array([1, 7, 300]), 2, 8),
+                       [model.step_seconds(n, 2, 8) for n in (1, 7, 300)])
