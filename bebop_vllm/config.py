@@ -27,7 +27,7 @@ MAX_SPECULATIVE_TOKENS = 16
 DraftSampling = Literal["probabilistic", "greedy"]
 Verifier = Literal["bebop", "vllm"]
 MetricsLevel = Literal["summary", "detailed"]
-DraftLength = Literal["fixed", "entropy"]
+DraftLength = Literal["auto", "fixed", "entropy"]
 
 
 class BebopSpecError(BebopError, ValueError):
@@ -63,15 +63,18 @@ class BebopOptions(BaseModel):
         default="summary", description="Per-request speculative metrics level."
     )
     draft_length: DraftLength = Field(
-        default="fixed",
-        description="fixed: always num_speculative_tokens drafts; entropy: per request and step, "
-        "0..num_speculative_tokens drafts chosen from the target entropy of its last verify step "
-        "(needs acceptance_fit; turns off vLLM's async scheduling).",
+        default="auto",
+        description="auto: per request and step, 0..num_speculative_tokens drafts maximising the batch's "
+        "expected tokens per second (acceptance from the request's recent verify steps, blended with "
+        "acceptance_fit when given; step costs measured at engine start, see step_cost_file); when no "
+        "request should draft the step runs no draft depth. fixed: always num_speculative_tokens drafts. "
+        "entropy: drafts from the target entropy of the request's last step (needs acceptance_fit).",
     )
     acceptance_fit: tuple[float, float] | None = Field(
         default=None,
-        description="[a, b] of the acceptance fit alpha = a + b * entropy (nats) used by "
-        "draft_length='entropy' (benchmarks/acceptance_study.py reports it).",
+        description="[a, b] of the acceptance fit alpha = a + b * entropy (nats): the prior of "
+        "draft_length='auto' and the rule of draft_length='entropy' (benchmarks/acceptance_study.py "
+        "reports it).",
     )
     draft_token_cost: float = Field(
         default=0.1,
@@ -79,6 +82,18 @@ class BebopOptions(BaseModel):
         le=10.0,
         description="draft_length='entropy': cost of one more draft token relative to a verify "
         "step without drafts.",
+    )
+    draft_min_gain: float = Field(
+        default=0.03,
+        ge=0.0,
+        le=1.0,
+        description="draft_length='auto': draft only when the predicted tokens/s beat drafting nothing "
+        "by this fraction (a margin for cost-model error).",
+    )
+    step_cost_file: str | None = Field(
+        default=None,
+        description="draft_length='auto': JSON step-cost model (bebop_vllm/step_cost.py format) instead of "
+        "the calibration at engine start (cached under $BEBOP_HOME/step_cost/).",
     )
 
     draft_vocab_size: int | None = Field(
@@ -94,6 +109,12 @@ class BebopOptions(BaseModel):
         if self.draft_length == "entropy" and self.acceptance_fit is None:
             raise ValueError("draft_length='entropy' needs acceptance_fit=[a, b] (alpha = a + b * "
                              "entropy in nats; benchmarks/acceptance_study.py reports a and b)")
+        return self
+
+    @model_validator(mode="after")
+    def _step_cost_file_exists(self) -> BebopOptions:
+        if self.step_cost_file is not None and not Path(self.step_cost_file).expanduser().is_file():
+            raise ValueError(f"step_cost_file={self.step_cost_file!r} does not exist")
         return self
 
     def to_additional_config(self) -> dict[str, Any]:

@@ -6,12 +6,15 @@ in rotating order so slow drifts of machine load hit all engines alike):
 - ``none``        no speculation
 - ``vllm-greedy`` vLLM's EAGLE path with our heads, greedy drafts, vLLM's verifier
 - ``vllm-prob``   same, vLLM's probabilistic drafts (temperature only)
-- ``bebop``       method "bebop": drafts from the request distribution, our verifier
+- ``bebop``       method "bebop": drafts from the request distribution, our verifier, a fixed
+  k drafts per step (``draft_length="fixed"``)
 
 Optional bebop variants (entropy-aware draft length against fixed lengths, same run):
 
 - ``bebop-k<N>``       bebop with num_speculative_tokens = N instead of ``--k``
-- ``bebop[-k<N>]-sync`` the same with synchronous scheduling (what ``bebop-entropy`` runs with)
+- ``bebop[-k<N>]-sync`` the same with synchronous scheduling
+- ``bebop-auto``        bebop with ``draft_length="auto"`` (the plugin's default): 0..k drafts per
+  request and step from the step-cost model
 - ``bebop-entropy``     bebop, ``draft_length="entropy"`` with ``--acceptance-fit`` (0..k drafts
   per request and step)
 - ``...-v<N>``          any bebop engine with ``draft_vocab_size=N`` (drafts among the heads'
@@ -44,7 +47,9 @@ from typing import Any
 
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
 # bebop, bebop-k2, bebop-sync, bebop-k2-sync, bebop-entropy, bebop-v4096, bebop-k1-v4096-sync, ...
-BEBOP_ENGINE = re.compile(r"bebop(?:-k(?P<k>\d+))?(?P<entropy>-entropy)?(?:-v(?P<vocab>\d+))?(?P<sync>-sync)?")
+# bebop engines draft a fixed k unless named -auto (draft_length="auto", the plugin's default) or -entropy
+BEBOP_ENGINE = re.compile(
+    r"bebop(?:-k(?P<k>\d+))?(?P<entropy>-entropy)?(?P<auto>-auto)?(?:-v(?P<vocab>\d+))?(?P<sync>-sync)?")
 
 
 def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -52,7 +57,8 @@ def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None 
         return None
     m = BEBOP_ENGINE.fullmatch(engine)
     if m:
-        spec: dict[str, Any] = {"method": "bebop", "model": heads, "num_speculative_tokens": int(m["k"] or k)}
+        spec: dict[str, Any] = {"method": "bebop", "model": heads, "num_speculative_tokens": int(m["k"] or k),
+                                "draft_length": "auto" if m["auto"] else "fixed"}
         if m["entropy"]:
             if not policy:
                 raise SystemExit(f"engine {engine} needs --acceptance-fit A,B")
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [e for e in engines if e not in ENGINES and not BEBOP_ENGINE.fullmatch(e)]
     if bad:
         ap.error(f"unknown engine(s) {bad}; choose from {list(ENGINES)} or "
-                 "bebop[-k<N>][-entropy][-v<N>][-sync]")
+                 "bebop[-k<N>][-entropy|-auto][-v<N>][-sync]")
     policy = None
     if args.acceptance_fit:
         a, b = (float(x) for x in args.acceptance_fit.split(","))

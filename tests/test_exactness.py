@@ -22,7 +22,11 @@ verifier). Every request of the module goes through those two engine starts.
 - Seeded requests are reproducible inside a mixed batch; n > 1 returns n completions.
 - ``bebop_entropy`` (a third engine, ``draft_length="entropy"``): per-request draft lengths
   vary with the entropy, and T = 0 / T = 1 outputs are still those of plain decoding.
-- ``bebop_vocab`` (a fourth engine, ``draft_vocab_size``): the heads draft among a small
+- ``bebop_auto`` (the default config: ``draft_length="auto"``): per request and step 0..k drafts
+  from the step-cost model; greedy outputs (alone and in a crowd of 64, where drafting mostly
+  stops) are those of plain decoding, and the T = 1 distribution (sampled 4 requests at a time,
+  so that the policy drafts) is unchanged.
+- ``bebop_vocab`` (a fifth engine, ``draft_vocab_size``): the heads draft among a small
   vocabulary (the ~100 tokens of a short text, so most of the target's mass lies outside it);
   T = 0 / T = 1 outputs are still those of plain decoding.
 
@@ -77,6 +81,15 @@ def _requests() -> list[dict]:
     return reqs
 
 
+AUTO_DIST_CONCURRENCY = 4  # bebop_auto samples the distribution in small batches: the policy drafts there
+CROWD = 64  # greedy requests in one batch: the auto policy should mostly stop drafting
+
+
+def _crowd() -> list[dict]:
+    return [_req(f"crowd{i}", GREEDY_PROMPTS[i % len(GREEDY_PROMPTS)] + " " * (i // len(GREEDY_PROMPTS)),
+                 temperature=0.0, max_tokens=16) for i in range(CROWD)]
+
+
 def _mixed_batch() -> list[dict]:
     """One generate() call mixing greedy, random and seeded requests (seeded one twice)."""
     return [
@@ -117,7 +130,7 @@ def _write_test_draft_vocab(heads: str, out: Path) -> tuple[str, int]:
 
 
 def _dist_cases(engine: str) -> dict[str, dict]:
-    if engine in ("bebop_entropy", "bebop_vocab"):
+    if engine in ("bebop_entropy", "bebop_vocab", "bebop_auto"):
         return {"t1": {"temperature": 1.0}}
     cases = {
         "t1": {"temperature": 1.0},
@@ -137,8 +150,12 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     from vllm import LLM, SamplingParams
 
     spec = None
-    if engine in ("bebop", "bebop_entropy", "bebop_vocab"):
+    if engine in ("bebop", "bebop_entropy", "bebop_vocab", "bebop_auto"):
         spec = {"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC}
+    if engine in ("bebop", "bebop_vocab"):
+        spec.update(draft_length="fixed")  # every step verifies k drafts: the verifier's own tests
+    if engine == "bebop_auto":
+        spec.update(metrics="detailed")  # the default draft_length ("auto"); per-step draft counts
     if engine == "bebop_entropy":
         spec.update(ENTROPY_POLICY)
     if engine == "bebop_vocab":
@@ -181,15 +198,30 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     elif engine in ("bebop_entropy", "bebop_vocab"):
         run([r for r in _requests() if r["id"].startswith("greedy")])
         lap("requests")
+    elif engine == "bebop_auto":
+        for r in _requests():  # one at a time: the policy's batch-1 regime
+            if r["id"].startswith("greedy"):
+                run([r])
+        lap("requests")
+        run(_crowd())
+        lap("crowd")
     else:
         run(_requests())
         lap("requests")
         run(_mixed_batch())
         lap("mixed")
+        if engine == "plain":
+            run(_crowd())
+            lap("crowd")
+    chunk = AUTO_DIST_CONCURRENCY if engine == "bebop_auto" else DIST_SAMPLES
     for name, params in cases.items():
         params = {**params, "max_tokens": DIST_TOKENS, "ignore_eos": True}
-        outs = llm.generate([DIST_PROMPT] * DIST_SAMPLES, SamplingParams(**params), use_tqdm=False)
-        result[f"dist_{name}"] = [list(o.outputs[0].token_ids) for o in outs]
+        samples = []
+        for start in range(0, DIST_SAMPLES, chunk):
+            n = min(chunk, DIST_SAMPLES - start)
+            outs = llm.generate([DIST_PROMPT] * n, SamplingParams(**params), use_tqdm=False)
+            samples += [list(o.outputs[0].token_ids) for o in outs]
+        result[f"dist_{name}"] = samples
         lap(f"dist_{name}")
     result["runner_after"] = llm.collective_rpc(_runner_info)[0]
     Path(out_path).write_text(json.dumps(result))
@@ -233,15 +265,26 @@ def _run_engine(engine: str, heads: str, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
+ALL_ENGINES = ("plain", "bebop", "bebop_entropy", "bebop_auto", "bebop_vocab")
+# A subset (e.g. "plain,bebop,bebop_auto" in scripts/gpu_check.sh): tests of the others skip.
+ENGINES = tuple(os.environ.get("BEBOP_EXACTNESS_ENGINES", ",".join(ALL_ENGINES)).split(","))
+
+
+class _Results(dict):
+    def __missing__(self, engine: str):
+        pytest.skip(f"engine {engine} not run (BEBOP_EXACTNESS_ENGINES={','.join(ENGINES)})")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     if not (_model_dir() / "config.json").is_file():
         pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
     tmp = tmp_path_factory.mktemp("exactness")
     heads = _heads_dir(tmp)
-    vocab_heads, _ = _write_test_draft_vocab(heads, tmp / "vocab-heads")
-    out = {name: _run_engine(name, heads, tmp) for name in ("plain", "bebop", "bebop_entropy")}
-    out["bebop_vocab"] = _run_engine("bebop_vocab", vocab_heads, tmp)
+    out = _Results({name: _run_engine(name, heads, tmp) for name in ENGINES if name != "bebop_vocab"})
+    if "bebop_vocab" in ENGINES:
+        vocab_heads, _ = _write_test_draft_vocab(heads, tmp / "vocab-heads")
+        out["bebop_vocab"] = _run_engine("bebop_vocab", vocab_heads, tmp)
     return out
 
 
@@ -401,6 +444,36 @@ def test_entropy_draft_length_varies_per_step(results):
 
 def test_entropy_draft_length_keeps_sampling_distribution(results):
     _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_entropy"]["dist_t1"])
+
+
+@pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
+def test_auto_draft_length_keeps_greedy_outputs(results, key):
+    assert _ids(results["bebop_auto"], key) == _ids(results["plain"], key)
+
+
+def test_auto_draft_length_keeps_every_crowd_output(results):
+    auto, plain = results["bebop_auto"], results["plain"]
+    differ = [i for i in range(CROWD) if _ids(auto, f"crowd{i}") != _ids(plain, f"crowd{i}")]
+    assert not differ, differ
+
+
+def _drafted_per_step(res: dict, keys: list[str]) -> list[int]:
+    return [d for k in keys for d in (res[k][0]["spec"] or {}).get("per_step_drafted", [])]
+
+
+def test_auto_draft_length_drafts_alone_and_mostly_stops_in_a_crowd(results):
+    """Batch 1: the policy drafts (on these CPUs a verify token costs little at batch 1). Batch 64:
+    verify tokens cost about a plain step each, so most requests draft less than k per step."""
+    res = results["bebop_auto"]
+    alone = _drafted_per_step(res, [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
+    assert alone and max(alone) >= 1, alone
+    crowd_drafts = sum((res[f"crowd{i}"][0]["spec"] or {}).get("num_draft_tokens", 0) for i in range(CROWD))
+    crowd_tokens = sum(len(res[f"crowd{i}"][0]["token_ids"]) for i in range(CROWD))
+    assert crowd_drafts < NUM_SPEC * crowd_tokens / 2, (crowd_drafts, crowd_tokens)
+
+
+def test_auto_draft_length_keeps_sampling_distribution(results):
+    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_auto"]["dist_t1"])
 
 
 @pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])

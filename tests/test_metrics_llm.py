@@ -48,7 +48,7 @@ def _engine_main(heads: str, out: str) -> None:
 
     llm = LLM(model=str(default_model_dir()), dtype="bfloat16", max_model_len=512,
               enforce_eager=True, seed=0, per_request_spec_decode_metrics="detailed",
-              speculative_config={"method": "bebop", "model": heads,
+              speculative_config={"method": "bebop", "model": heads, "draft_length": "fixed",
                                   "num_speculative_tokens": NUM_SPEC})
 
     def prom() -> dict[str, float]:

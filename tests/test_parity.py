@@ -49,7 +49,8 @@ def _worker(heads: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(_model_dir()), max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4, dtype=DTYPE,
-              speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC})
+              speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC,
+                                  "draft_length": "fixed"})
     llm.collective_rpc(_install_hook)
     records = []
     for prompt in PROMPTS:  # one request at a time: the first propose call is this request's

@@ -187,21 +187,26 @@ def test_engine_config_translation(registered, heads):
     assert spec.draft_model_config.architectures == ["EagleBebopMTPModel"]
     assert cfg.additional_config["bebop"] == {"method": "bebop", "model": str(heads), "num_speculative_tokens": 2,
                                               "draft_sampling": "greedy", "verifier": "vllm", "metrics": "detailed",
-                                              "draft_length": "fixed", "acceptance_fit": None,
-                                              "draft_token_cost": 0.1, "draft_vocab_size": None}
+                                              "draft_length": "auto", "acceptance_fit": None,
+                                              "draft_token_cost": 0.1, "draft_min_gain": 0.03,
+                                              "step_cost_file": None, "draft_vocab_size": None}
     assert cfg.observability_config.per_request_spec_decode_metrics == "detailed"
     assert not cfg.use_v2_model_runner  # our verifier lives in the V1 runner
 
 
-def test_entropy_draft_length_selects_sync_scheduling(registered, heads):
-    spec = {"method": "bebop", "model": str(heads), "draft_length": "entropy", "acceptance_fit": [0.9, -0.2]}
-    _, cfg = _engine_config(spec)
-    assert cfg.scheduler_config.async_scheduling is False  # per-request draft counts need the sync path
-    assert cfg.additional_config["bebop"]["acceptance_fit"] == (0.9, -0.2)
-    with pytest.raises(BebopSpecError, match=r"draft_length='entropy' needs synchronous scheduling"):
-        _engine_config(spec, async_scheduling=True)
+def test_per_request_draft_length_uses_vllm_dynamic_speculation(registered, heads):
+    """auto (the default) and entropy switch on vLLM's dynamic-K machinery; fixed does not."""
+    for extra in ({}, {"draft_length": "entropy", "acceptance_fit": [0.9, -0.2]}):
+        _, cfg = _engine_config({"method": "bebop", "model": str(heads), **extra}, async_scheduling=True)
+        assert cfg.speculative_config.num_speculative_tokens_per_batch_size == [(1, 1 << 30, 2)]
+        # no longer an error (the entropy policy used to need synchronous scheduling); vLLM's CPU
+        # platform turns async scheduling off by itself
+    _, cfg = _engine_config({"method": "bebop", "model": str(heads), "draft_length": "fixed"})
+    assert cfg.speculative_config.num_speculative_tokens_per_batch_size is None
     with pytest.raises(BebopSpecError, match=r"draft_length='entropy' needs acceptance_fit=\[a, b\]"):
         _engine_config({"method": "bebop", "model": str(heads), "draft_length": "entropy"})
+    with pytest.raises(BebopSpecError, match=r"step_cost_file='/nonexistent.json' does not exist"):
+        _engine_config({"method": "bebop", "model": str(heads), "step_cost_file": "/nonexistent.json"})
 
 
 def test_draft_vocab_size_is_checked_before_engine_start(registered, heads, tmp_path):

@@ -64,7 +64,7 @@ def server(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("server")
     port = _free_port()
-    spec = {"method": "bebop", "model": _heads_dir(tmp), "num_speculative_tokens": NUM_SPEC}
+    spec = {"method": "bebop", "model": _heads_dir(tmp), "num_speculative_tokens": NUM_SPEC, "draft_length": "fixed"}
     cmd = [sys.executable, "-m", "bebop_vllm.cli", "serve", str(default_model_dir()),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smol",
            "--max-model-len", str(SERVER_ENGINE["max_model_len"]), "--enforce-eager",
@@ -322,7 +322,8 @@ def _llm_view_main(heads: str, out: str) -> None:
     from bebop_vllm.paths import default_model_dir
 
     llm = LLM(model=str(default_model_dir()), per_request_spec_decode_metrics="detailed",
-              speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC},
+              speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC,
+                                  "draft_length": "fixed"},
               **SERVER_ENGINE)
     views = []
     for kind, text, max_tokens in SAME_REQUESTS:

@@ -79,3 +79,68 @@ def decided_position_entropies(entropies: torch.Tensor, num_draft_tokens: list[i
             out[req_ids[i]] = values[start: start + min(emitted[i], k)]
         start += k
     return out
+
+
+# At most this many sampled rows per step get an entropy for the draft-length policy (requests
+# without drafts this step; the others have their decided draft positions). Chosen round-robin, so
+# a crowded batch pays for at most this many [V] softmaxes per step.
+POLICY_ENTROPY_ROWS = 16
+
+
+def row_entropy(rows: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(rows) per row, as logsumexp - E_p[x] (no [N, V] log)."""
+    x = rows.float()
+    lse = torch.logsumexp(x, dim=-1)
+    return lse - (torch.softmax(x, dim=-1) * x).sum(dim=-1)
+
+
+def step_entropies(rejection_sampler: Any, logits: torch.Tensor, metadata: Any, sampling_metadata: Any,
+                   sampled_token_ids: torch.Tensor, req_ids: list[str], want_metrics: bool, want_policy: bool,
+                   cursor: int = 0) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """This step's entropies with ONE device-to-host transfer: (metrics, policy).
+
+    metrics: :func:`decided_position_entropies` (requests with drafts). policy: per request, the
+    mean entropy of its decided draft positions, or, for up to :data:`POLICY_ENTROPY_ROWS`
+    requests without drafts (round-robin from ``cursor``), the entropy of softmax(logits / T) at
+    the position it sampled (T = 1 for greedy requests; top-k/top-p not replayed: a policy input).
+    """
+    num_reqs = len(req_ids)
+    num_draft = [0] * num_reqs if metadata is None else list(metadata.num_draft_tokens)
+    parts: list[torch.Tensor] = []
+    if metadata is not None and (want_metrics or want_policy):
+        parts.append(draft_entropy(rejection_sampler, logits, metadata, sampling_metadata).float())
+        parts.append((sampled_token_ids != PLACEHOLDER_TOKEN_ID).sum(dim=1).float())
+    no_draft = [i for i in range(num_reqs) if num_draft[i] == 0] if want_policy else []
+    if len(no_draft) > POLICY_ENTROPY_ROWS:
+        start = cursor % len(no_draft)
+        no_draft = (no_draft[start:] + no_draft[:start])[:POLICY_ENTROPY_ROWS]
+    if no_draft:
+        index = torch.tensor(no_draft, dtype=torch.long, device=logits.device)
+        row_index = index if metadata is None else metadata.bonus_logits_indices[index]
+        rows = logits[row_index].float()
+        temperature = sampling_metadata.temperature
+        if temperature is not None and not sampling_metadata.all_greedy:
+            rows = rows / effective_temperature(temperature[index])[:, None]
+        parts.append(row_entropy(rows))
+    if not parts:
+        return {}, {}
+    values = torch.cat(parts).cpu().tolist()  # the one sync
+    metrics: dict[str, list[float]] = {}
+    policy: dict[str, float] = {}
+    pos = 0
+    if metadata is not None and (want_metrics or want_policy):
+        total = sum(num_draft)
+        drafts, emitted = values[:total], values[total: total + num_reqs]
+        pos = total + num_reqs
+        start = 0
+        for i, k in enumerate(num_draft):
+            if k > 0 and i < num_reqs:
+                decided = drafts[start: start + min(int(emitted[i]), k)]
+                if want_metrics:
+                    metrics[req_ids[i]] = decided
+                if want_policy and decided:
+                    policy[req_ids[i]] = sum(decided) / len(decided)
+            start += k
+    for i, h in zip(no_draft, values[pos:], strict=True):
+        policy[req_ids[i]] = h
+    return metrics, policy

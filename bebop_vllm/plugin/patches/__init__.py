@@ -31,8 +31,9 @@ PATCHES: list[Patch] = [
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
     *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)
-    # after metrics: its _sample wrapper reads the entropies the metrics wrapper just stored
-    *draft_length.DRAFT_LENGTH_PATCHES,  # draft_length="entropy": per-request draft counts
+    # draft_length "auto"/"entropy": per-request draft counts planned in the scheduler, step-cost
+    # calibration in the worker (the runner's entropies come from the metrics _sample wrapper)
+    *draft_length.DRAFT_LENGTH_PATCHES,
 ]
 
 __all__ = ["PATCHES", "Patch", "PatchError"]

@@ -25,6 +25,12 @@ from bebop_vllm.plugin.patches.base import Patch, PatchError
 ENTROPY_ATTR = "bebop_draft_entropy"
 # GPUModelRunner attribute holding the current step's entropies between _sample and sample_tokens.
 _STEP_ATTR = "_bebop_step_entropy"
+# The same for the draft-length policy's per-request step entropy ({req_id: nats}); attached to the
+# output as draft_length.POLICY_ENTROPY_ATTR.
+_POLICY_STEP_ATTR = "_bebop_policy_step_entropy"
+_CURSOR_ATTR = "_bebop_entropy_cursor"
+# GPUModelRunner flag (set by model_runner.install) when the engine's draft-length policy reads entropies.
+POLICY_ENTROPY_FLAG = "_bebop_policy_wants_entropy"
 
 
 def _metrics_level(runner: Any) -> str:
@@ -100,23 +106,30 @@ WIRE_TYPE = WireTypePatch(
 )
 
 
-# 3. Runner: entropy of every decided draft position of this verify step.
+# 3. Runner: entropy of every decided draft position of this verify step (metrics) and each
+#    request's step entropy (draft-length policy): one wrapper, one device-to-host transfer.
 def _wrap_sample(original: Any) -> Any:
     @functools.wraps(original)
     def _sample(self: Any, logits: Any, spec_decode_metadata: Any) -> Any:
-        if spec_decode_metadata is None or _metrics_level(self) == "none":
+        want_metrics = spec_decode_metadata is not None and _metrics_level(self) != "none"
+        want_policy = bool(getattr(self, POLICY_ENTROPY_FLAG, False)) and logits is not None
+        if not (want_metrics or want_policy):
             return original(self, logits, spec_decode_metadata)
-        from bebop_vllm.plugin.metrics_entropy import decided_position_entropies, draft_entropy
+        from bebop_vllm.plugin.metrics_entropy import step_entropies
 
         verifier = self.rejection_sampler
         if getattr(verifier, "last_target_entropy", None) is not None:
             verifier.last_target_entropy = None  # never read a previous step's values
         output = original(self, logits, spec_decode_metadata)
-        entropies = draft_entropy(verifier, logits, spec_decode_metadata,
-                                  self.input_batch.sampling_metadata)
-        setattr(self, _STEP_ATTR, decided_position_entropies(
-            entropies, spec_decode_metadata.num_draft_tokens, output.sampled_token_ids,
-            list(self.input_batch.req_ids)))
+        cursor = self.__dict__.get(_CURSOR_ATTR, 0)
+        setattr(self, _CURSOR_ATTR, cursor + 1)
+        metrics, policy = step_entropies(verifier, logits, spec_decode_metadata, self.input_batch.sampling_metadata,
+                                         output.sampled_token_ids, list(self.input_batch.req_ids),
+                                         want_metrics, want_policy, cursor)
+        if want_metrics:
+            setattr(self, _STEP_ATTR, metrics)
+        if want_policy:
+            setattr(self, _POLICY_STEP_ATTR, policy)
         return output
 
     return _sample
@@ -138,15 +151,22 @@ def _wrap_sample_tokens(original: Any) -> Any:
     @functools.wraps(original)
     def sample_tokens(self: Any, grammar_output: Any) -> Any:
         setattr(self, _STEP_ATTR, None)
+        setattr(self, _POLICY_STEP_ATTR, None)
         result = original(self, grammar_output)
         entropies = self.__dict__.pop(_STEP_ATTR, None)
-        if entropies:
+        policy = self.__dict__.pop(_POLICY_STEP_ATTR, None)
+        if entropies or policy:
             from vllm.v1.outputs import ModelRunnerOutput
+
+            from bebop_vllm.plugin.patches.draft_length import POLICY_ENTROPY_ATTR
 
             # Async scheduling wraps the output (AsyncGPUModelRunnerOutput._model_runner_output).
             target = getattr(result, "_model_runner_output", result)
             if isinstance(target, ModelRunnerOutput):
-                setattr(target, ENTROPY_ATTR, entropies)
+                if entropies:
+                    setattr(target, ENTROPY_ATTR, entropies)
+                if policy:
+                    setattr(target, POLICY_ENTROPY_ATTR, policy)
         return result
 
     return sample_tokens

@@ -6,8 +6,9 @@ to V1) constructs vLLM's ``RejectionSampler`` in ``GPUModelRunner.__init__``
 ``CPUModelRunner`` inherits it). We wrap ``__init__``: when ``additional_config["bebop"]`` says
 verifier="bebop" the runner's ``rejection_sampler`` becomes :class:`BebopRejectionSampler`; when
 it says draft_sampling="probabilistic" the drafter drafts from the request's own distribution
-(see ``draft_sampling``); draft_length="entropy" arms the per-request draft length
-(see ``draft_length``). Engines without bebop options are left exactly as vLLM built them.
+(see ``draft_sampling``); draft_length "auto"/"entropy" with an acceptance fit makes the runner
+report each request's step entropy to the scheduler's policy (see ``draft_length`` and ``metrics``).
+Engines without bebop options are left exactly as vLLM built them.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def install(runner: Any) -> None:
         runner.rejection_sampler = BebopRejectionSampler(
             runner.sampler, runner.speculative_config, runner.device
         )
-    if opts.draft_length == "entropy" and opts.acceptance_fit is not None:
-        from bebop_vllm.plugin.patches.draft_length import POLICY_ATTR
+    if opts.draft_length in ("auto", "entropy") and opts.acceptance_fit is not None:
+        # The scheduler's draft-length policy reads each request's step entropy (see draft_length).
+        from bebop_vllm.plugin.patches.metrics import POLICY_ENTROPY_FLAG
 
-        max_k = int(runner.speculative_config.num_speculative_tokens)
-        setattr(runner, POLICY_ATTR, (tuple(opts.acceptance_fit), opts.draft_token_cost, max_k))
+        setattr(runner, POLICY_ENTROPY_FLAG, True)
     drafter = getattr(runner, "drafter", None)
     if drafter is not None and opts.draft_sampling == "probabilistic":
         setattr(drafter, BEBOP_FLAG, True)

@@ -5,7 +5,8 @@ Replaces ``EngineArgs.create_speculative_config`` (vllm/engine/arg_utils.py:2060
 never reaches vLLM: the options are validated (pydantic, heads folder checked against the target)
 and become ``method="eagle"`` + ``draft_sample_method``; the validated options travel to the
 workers in ``additional_config["bebop"]`` and set ``per_request_spec_decode_metrics``;
-``draft_length="entropy"`` also turns off async scheduling (see ``draft_length`` patch). The same
+``draft_length`` "auto"/"entropy" switch on vLLM's dynamic speculative decoding (see the
+``draft_length`` patch; synchronous and asynchronous scheduling both work). The same
 code path serves ``LLM(...)`` and the OpenAI server (both build an ``EngineArgs``).
 
 Lossy verification modes are refused: method "bebop" is exact rejection sampling, and vLLM
@@ -93,16 +94,13 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
         # exact rejection sampling only (never vLLM 0.33's lossy "fly" nor "synthetic")
         "rejection_sample_method": "standard",
     }
-    if opts.draft_length == "entropy":
-        # Per-request draft lengths reach the scheduler only on the synchronous path
-        # (EngineCore.post_step -> take_draft_token_ids); async scheduling schedules the same
-        # number of placeholder drafts for every request.
-        if getattr(engine_args, "async_scheduling", None) is True:
-            from bebop_vllm.config import BebopSpecError
+    if opts.draft_length in ("auto", "entropy"):
+        # vLLM's dynamic speculative decoding: K varies per step (the scheduler patch in
+        # draft_length sets it per step; this one-range schedule only switches the machinery on:
+        # no uniform-decode padding of new requests, PIECEWISE instead of FULL CUDA graphs).
+        from bebop_vllm.plugin.patches.draft_length import DYNAMIC_SCHEDULE_END
 
-            raise BebopSpecError("draft_length='entropy' needs synchronous scheduling; drop "
-                                 "async_scheduling=True (--async-scheduling) or use draft_length='fixed'")
-        engine_args.async_scheduling = False
+        engine_args.speculative_config["num_speculative_tokens_per_batch_size"] = [(1, DYNAMIC_SCHEDULE_END, k)]
     additional = dict(engine_args.additional_config or {})
     additional[ADDITIONAL_CONFIG_KEY] = opts.to_additional_config()
     engine_args.additional_config = additional

@@ -1,0 +1,153 @@
+"""Cost-aware draft lengths (``draft_length="auto"``): pure math, no vLLM.
+
+One step of a speculative engine verifies, for every request i in the batch, ``1 + k_i`` tokens
+(its k_i drafts plus the bonus position) and drafts ``K = max_i k_i`` depths for the whole batch.
+With request i's per-draft acceptance probability alpha_i (every depth accepts with the same
+alpha, the model :mod:`bebop_vllm.draft_length` already uses) the step emits in expectation
+
+    E = sum_i (1 + alpha_i + alpha_i^2 + ... + alpha_i^k_i)
+
+tokens and costs ``step_seconds(num_tokens = base + sum_i k_i, depths = K)`` (a
+:class:`bebop_vllm.step_cost.StepCostModel`). :func:`plan_draft_lengths` picks the k_i that
+maximise E / seconds: for a fixed K and a fixed total of m drafts, the best drafts are the m
+largest marginal gains alpha_i^j (j <= K), which per request are automatically a prefix
+(alpha^j falls with j), so trying every (K, m) is exact and cheap (B * k^2 candidates).
+
+When even the best drafting plan is not ``1 + min_gain`` times faster than drafting nothing, every
+k_i is 0 and K is 0: the drafter then runs no draft depth at all (vLLM's proposer still runs its
+first pass over the step's tokens, which keeps the drafter's KV cache complete so drafting can
+resume when the batch thins).
+
+Acceptance per request (:class:`AcceptanceEstimate`): a Beta posterior over alpha whose prior
+mean is the entropy fit alpha(H) = a + b * H when a fit and an entropy are known (else the
+heads' held-out acceptance), with ``prior_weight`` pseudo-observations; the request's own verify
+steps add successes (accepted drafts) and failures (the first rejected draft), discounted by
+``decay`` per step so the estimate follows the request's recent behaviour.
+
+Exactness is untouched: rejection sampling is exact for any number of drafts per request, so the
+policy changes speed only, never the output distribution.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bebop_vllm.draft_length import MAX_ALPHA, expected_tokens, predicted_alpha
+
+__all__ = ["AcceptanceEstimate", "DraftPlan", "batch_expected_tokens", "expected_tokens", "plan_draft_lengths"]
+
+
+@dataclass(frozen=True)
+class DraftPlan:
+    """The chosen drafts per request (request order) and what the policy expects of them."""
+
+    lengths: tuple[int, ...]
+    depths: int  # max(lengths): draft depths the drafter runs
+    expected_tokens: float  # E over the batch
+    seconds: float  # predicted step seconds
+    plain_rate: float  # tokens/s of the same batch without drafts (1 token per request)
+
+    @property
+    def rate(self) -> float:
+        return self.expected_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.rate / self.plain_rate if self.plain_rate > 0 else 1.0
+
+
+def batch_expected_tokens(alphas: Sequence[float], lengths: Sequence[int]) -> float:
+    """sum_i expected_tokens(alpha_i, k_i)."""
+    return sum(expected_tokens(min(max(a, 0.0), MAX_ALPHA), k) for a, k in zip(alphas, lengths, strict=True))
+
+
+def plan_draft_lengths(alphas: Sequence[float], max_k: int, step_seconds: Callable[[int, int], float],
+                       base_tokens: int | None = None, min_gain: float = 0.0,
+                       eligible: Sequence[bool] | None = None) -> DraftPlan:
+    """Per-request draft lengths in 0..max_k maximising expected emitted tokens per second.
+
+    ``step_seconds(num_tokens, depths)``: predicted seconds of a step verifying ``num_tokens``
+    tokens after ``depths`` draft depths. ``base_tokens``: tokens of the step without drafts
+    (default: one per request). ``min_gain``: draft only when the best plan's rate is at least
+    ``1 + min_gain`` times the no-draft rate (a margin against cost-model error). ``eligible``:
+    False for requests that cannot draft (prefill chunks); they keep k = 0 but count in the batch.
+    Ties go to fewer drafts.
+    """
+    batch = len(alphas)
+    base = batch if base_tokens is None else int(base_tokens)
+    clipped = [min(max(float(a), 0.0), MAX_ALPHA) for a in alphas]
+    can_draft = [True] * batch if eligible is None else [bool(e) for e in eligible]
+    plain_seconds = step_seconds(base, 0)
+    plain_rate = batch / plain_seconds if plain_seconds > 0 else float("inf")
+    best = DraftPlan(tuple([0] * batch), 0, float(batch), plain_seconds, plain_rate)
+    if batch == 0 or max_k <= 0 or not any(can_draft):
+        return best
+    threshold = plain_rate * (1.0 + max(min_gain, 0.0))
+
+    best_rate, best_key = threshold, None
+    for depths in range(1, max_k + 1):
+        gains = sorted(((clipped[i] ** j, j, i) for i in range(batch) if can_draft[i]
+                        for j in range(1, depths + 1)), key=lambda g: (-g[0], g[1], g[2]))
+        # Upper bound for this K (every gain, the cheapest drafting step): skip hopeless K cheaply.
+        cheapest = step_seconds(base + 1, depths)
+        if cheapest > 0 and (batch + sum(g[0] for g in gains)) / cheapest <= best_rate:
+            continue
+        values = [g[0] for g in gains]
+        totals = list(itertools.accumulate(values, initial=float(batch)))[1:]
+        counts = range(1, len(values) + 1)
+        seconds_of = _batched(step_seconds, [base + m for m in counts], depths)
+        for m, total, seconds in zip(counts, totals, seconds_of, strict=True):
+            if values[m - 1] <= 0.0:
+                break
+            rate = total / seconds if seconds > 0 else float("inf")
+            if rate > best_rate * (1.0 + 1e-9):
+                best_rate, best_key = rate, (depths, m, total, seconds, gains)
+    if best_key is None:
+        return best
+    depths, m, total, seconds, gains = best_key
+    lengths = [0] * batch
+    for _, j, i in gains[:m]:
+        lengths[i] = max(lengths[i], j)
+    return DraftPlan(tuple(lengths), max(lengths), total, seconds, plain_rate)
+
+
+def _batched(step_seconds: Callable[[int, int], float], tokens: list[int], depths: int) -> list[float]:
+    """step_seconds over many token counts: one vectorised call when it takes a numpy array."""
+    try:
+        import numpy as np
+
+        out = step_seconds(np.asarray(tokens), depths)  # type: ignore[arg-type]
+        if isinstance(out, np.ndarray) and out.shape == (len(tokens),):
+            return out.tolist()
+    except (TypeError, ValueError, ImportError):
+        pass
+    return [step_seconds(n, depths) for n in tokens]
+
+
+@dataclass
+class AcceptanceEstimate:
+    """A request's acceptance alpha: Beta posterior with a discounted history (see module doc)."""
+
+    prior_alpha: float
+    prior_weight: float = 4.0
+    decay: float = 0.8
+    successes: float = 0.0
+    failures: float = 0.0
+    entropy: float | None = None  # mean target entropy (nats) of its latest step with a signal
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """One verify step: ``accepted`` of ``drafted`` drafts (chain: the first rejection stops it)."""
+        if drafted <= 0:
+            return
+        accepted = min(max(int(accepted), 0), int(drafted))
+        self.successes = self.decay * self.successes + accepted
+        self.failures = self.decay * self.failures + (1.0 if accepted < drafted else 0.0)
+
+    def alpha(self, fit: tuple[float, float] | None = None) -> float:
+        prior = self.prior_alpha
+        if fit is not None and self.entropy is not None:
+            prior = predicted_alpha(self.entropy, fit)
+        mean = (self.successes + self.prior_weight * prior) / (self.successes + self.failures + self.prior_weight)
+        return min(max(mean, 0.0), MAX_ALPHA)

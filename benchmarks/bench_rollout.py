@@ -1,0 +1,307 @@
+"""Rollout benchmark: is bebop ever slower than plain decoding, and how much faster is an RL rollout?
+
+Three engines, each held in its own process for the whole run so every ratio comes from one run:
+
+- ``none``        no speculation (plain decoding)
+- ``bebop``       method "bebop", a fixed k drafts per step (``draft_length="fixed"``)
+- ``bebop-auto``  method "bebop" with the plugin's default config (``draft_length="auto"``: per
+  request and step 0..k drafts from the step-cost model and the request's acceptance)
+
+(a) **Concurrency sweep**: for every temperature and concurrency c (default 1, 2, 4, 8, 16, 32,
+    64), c held-out prompts are submitted at once (``ignore_eos``, ``--sweep-max-tokens``) and
+    tokens/s is measured per engine; ratio = engine tokens/s / plain tokens/s in the same cell.
+    The engines take turns per cell (rotating order), so machine load hits all of them alike.
+(b) **RL-shaped rollout**: ``--rollout-prompts`` held-out prompts x ``--rollout-samples`` samples
+    (T = ``--rollout-temperature``, ``--rollout-max-tokens``, natural stops: long-tailed lengths)
+    submitted at once; the wall time until the last sequence ends, plain vs bebop-auto (and
+    bebop fixed when ``--rollout-engines`` says so).
+
+Writes ``OUT.json`` (every number, the command, the machine with its CPU flags), ``OUT.md`` and
+``OUT.png`` (speedup vs concurrency per temperature). ``--quick`` is a smoke run (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import _render_prompts, _spec_config  # noqa: E402
+
+ENGINES = ("none", "bebop", "bebop-auto")
+DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
+INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8", "fma")
+
+
+def machine_info() -> dict[str, Any]:
+    """Machine, accelerator and the CPU flags that decide the CPU path's speed (bebop_vllm.hardware)."""
+    from bebop_vllm.hardware import cpu_has_bf16
+
+    info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                            "cpu_has_bf16": cpu_has_bf16(), "load_average_at_start": list(os.getloadavg())}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            info.setdefault("cpu_model", value.strip())
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            info.setdefault("cpu_flags", sorted(f for f in INTERESTING_FLAGS if f in flags))
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max_num_seqs: int, dtype: str,
+            enforce_eager: bool, conn: Any) -> None:
+    """Holds one engine; answers ("run", prompts, params) with per-run totals."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    spec = _spec_config(engine, heads, k)
+    kwargs: dict[str, Any] = {"per_request_spec_decode_metrics": "summary"} if spec else {}
+    llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, dtype=dtype,
+              max_num_seqs=max_num_seqs, speculative_config=spec, **kwargs)
+    llm.generate(["Hello"] * 4, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg[0] == "stop":
+            break
+        _, prompts, params = msg
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, SamplingParams(**params), use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        lengths, drafted, accepted, steps = [], 0, 0, 0
+        for out in outs:
+            for c in out.outputs:
+                lengths.append(len(c.token_ids))
+                m = getattr(c, "spec_decode_metrics", None)
+                if m is not None:
+                    drafted += int(getattr(m, "num_draft_tokens", 0) or 0)
+                    hist = getattr(m, "histogram", None) or []
+                    steps += sum(hist)
+                    accepted += sum(j * n for j, n in enumerate(hist))
+        conn.send({"seconds": seconds, "tokens": sum(lengths), "lengths": lengths, "drafted": drafted,
+                   "verify_steps": steps, "accepted": accepted})
+
+
+def _summarise(run: dict[str, Any]) -> dict[str, Any]:
+    steps = run["verify_steps"]
+    return {"seconds": run["seconds"], "tokens": run["tokens"], "tok_s": run["tokens"] / run["seconds"],
+            "drafted_per_token": run["drafted"] / max(run["tokens"], 1),
+            "mean_accepted_len": (1 + run["accepted"] / steps) if steps else None}
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    cfg, m = res["config"], res["machine"]
+    lines = ["# Rollout benchmark: plain decoding vs bebop fixed k vs bebop auto", "",
+             f"Command: `{res['command']}`", "",
+             f"Machine: {m.get('cpu_model', m['machine'])}, {m['cpu_count']} CPU cores, flags "
+             f"{', '.join(m.get('cpu_flags', [])) or 'n/a'}" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+             + f"; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. "
+             f"Model: {cfg['model']} ({cfg['dtype']}). Heads: {cfg['heads']}. k = {cfg['k']}. "
+             f"Wall time: {res['wall_s']:.0f} s." + ("" if res["complete"] else " **Partial run.**"), ""]
+    if res["sweep"]:
+        engines = cfg["engines"]
+        lines += [f"## (a) Concurrency sweep ({cfg['sweep_max_tokens']} tokens per request, ignore_eos)", "",
+                  "tokens/s (ratio to plain in the same cell) · drafts per emitted token", "",
+                  "| T | concurrency | " + " | ".join(engines) + " |", "|---|---|" + "---|" * len(engines)]
+        for cell in res["sweep"]:
+            row = [str(cell["temperature"]), str(cell["concurrency"])]
+            for e in engines:
+                r = cell["engines"][e]
+                s = f"{r['tok_s']:.1f}"
+                if e != "none":
+                    s += f" ({r['ratio']:.2f}x) · {r['drafted_per_token']:.2f}"
+                row.append(s)
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "Minimum ratio to plain over concurrencies: " + "; ".join(
+            f"T={t} {e} {v:.2f}x" for t, per in res["min_ratio"].items() for e, v in per.items()), ""]
+    if res["rollout"]:
+        r = res["rollout"]
+        lines += [f"## (b) RL-shaped rollout: {r['prompts']} prompts x {r['samples']} samples, T = {r['temperature']}, "
+                  f"max_tokens {r['max_tokens']}, natural stops", "",
+                  "| engine | wall s (last sequence done) | tokens | speedup vs plain | drafts per token | "
+                  "length p50 / p90 / max |", "|---|---|---|---|---|---|"]
+        for e, v in r["engines"].items():
+            ls = sorted(v["lengths"])
+            pct = (f"{ls[len(ls) // 2]} / {ls[int(len(ls) * 0.9)]} / {ls[-1]}" if ls else "-")
+            sp = "" if v.get("speedup") is None else f"{v['speedup']:.2f}x"
+            lines.append(f"| {e} | {v['seconds']:.1f} | {v['tokens']} | {sp} | {v['drafted_per_token']:.2f} | {pct} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(res: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t in sorted({c["temperature"] for c in res["sweep"]}, reverse=True):
+        cells = [c for c in res["sweep"] if c["temperature"] == t]
+        xs = [c["concurrency"] for c in cells]
+        for e, style in (("bebop", "--"), ("bebop-auto", "-")):
+            if cells and e in cells[0]["engines"]:
+                ax.plot(xs, [c["engines"][e]["ratio"] for c in cells], style, marker="o", label=f"{e} T={t}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.axhline(0.97, color="red", lw=0.6, ls=":", label="0.97x goal")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("requests in flight (concurrency)")
+    ax.set_ylabel("tokens/s ratio to plain decoding")
+    ax.set_title("bebop speedup vs concurrency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", default=str(default_model_dir()), help="target model folder (default model)")
+    ap.add_argument("--heads", default=str(SHIPPED_HEADS_DIR), help="heads folder (default: the shipped heads)")
+    ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens of both bebop engines (default 3)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="engine dtype (auto: the model's; on CPUs without bf16 instructions use float32)")
+    ap.add_argument("--max-model-len", type=int, default=1024, help="engine max_model_len (default 1024)")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="engine max_num_seqs (default 256)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="do not pass enforce_eager (GPU runs)")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"sweep engines (default {','.join(ENGINES)})")
+    ap.add_argument("--domains", default="math,code,agentic", help="held-out prompt domains, mixed round-robin")
+    ap.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
+                    help=f"sweep concurrencies (default {DEFAULT_CONCURRENCY})")
+    ap.add_argument("--temperatures", default="1.0,0.7", help="sweep temperatures (default 1.0,0.7)")
+    ap.add_argument("--sweep-max-tokens", type=int, default=64,
+                    help="tokens per sweep request (ignore_eos; default 64)")
+    ap.add_argument("--skip-sweep", action="store_true", help="run only the rollout (b)")
+    ap.add_argument("--skip-rollout", action="store_true", help="run only the sweep (a)")
+    ap.add_argument("--rollout-prompts", type=int, default=64, help="rollout: held-out prompts (default 64)")
+    ap.add_argument("--rollout-samples", type=int, default=4, help="rollout: samples per prompt (default 4)")
+    ap.add_argument("--rollout-max-tokens", type=int, default=512, help="rollout: max_tokens (default 512)")
+    ap.add_argument("--rollout-temperature", type=float, default=1.0, help="rollout: temperature (default 1.0)")
+    ap.add_argument("--rollout-engines", default="none,bebop-auto",
+                    help="rollout engines (default none,bebop-auto; add bebop for fixed k)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: concurrency 1,4,16 at T=1, 16 tokens; rollout 8 prompts x 2 samples, 64 tokens")
+    ap.add_argument("--out", default="benchmarks/results/rollout", help="output prefix for .json/.md/.png")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.temperatures, args.sweep_max_tokens = "1,4,16", "1.0", 16
+        args.rollout_prompts, args.rollout_samples, args.rollout_max_tokens = 8, 2, 64
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    sweep_engines = [e for e in args.engines.split(",") if e] if not args.skip_sweep else []
+    rollout_engines = [e for e in args.rollout_engines.split(",") if e] if not args.skip_rollout else []
+    for e in {*sweep_engines, *rollout_engines}:
+        if e not in ENGINES:
+            ap.error(f"unknown engine {e!r}; choose from {ENGINES}")
+    engines = [e for e in ENGINES if e in {*sweep_engines, *rollout_engines}]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    temps = [float(t) for t in args.temperatures.split(",")]
+    domains = args.domains.split(",")
+    need = max([*concurrencies, 0] if sweep_engines else [0]) + (args.rollout_prompts if rollout_engines else 0)
+    per_domain = -(-need // len(domains))
+    by_domain = _render_prompts(args.model, domains, per_domain, args.max_model_len - args.rollout_max_tokens - 8)
+    mixed = [by_domain[d][i] for i in range(per_domain) for d in domains]
+    sweep_prompts = mixed[: max(concurrencies)]
+    rollout_prompts = mixed[len(mixed) - args.rollout_prompts:]  # disjoint from the sweep when enough prompts
+
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    res: dict[str, Any] = {"command": command, "machine": machine_info(), "sweep": [], "min_ratio": {}, "rollout": None,
+                           "config": {"model": args.model, "heads": args.heads, "k": args.k, "dtype": args.dtype,
+                                      "engines": sweep_engines, "sweep_max_tokens": args.sweep_max_tokens,
+                                      "max_num_seqs": args.max_num_seqs, "quick": args.quick}}
+    t_start = time.perf_counter()
+    planned = len(temps) * len(concurrencies) * bool(sweep_engines) + bool(rollout_engines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(done: int) -> None:
+        res["wall_s"] = time.perf_counter() - t_start
+        res["complete"] = done == planned
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        out.with_suffix(".md").write_text(_markdown(res))
+        if res["sweep"]:
+            _plot(res, out.with_suffix(".png"))
+
+    ctx = mp.get_context("spawn")
+    workers: dict[str, tuple[Any, Any]] = {}
+    for e in engines:  # one at a time: start-up is CPU-heavy
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, daemon=True,
+                           args=(e, args.model, args.heads, args.k, args.max_model_len, args.max_num_seqs, args.dtype,
+                                 not args.cuda_graphs, child))
+        proc.start()
+        print(f"starting engine {e} ...", file=sys.stderr, flush=True)
+        if parent.recv() != "ready":
+            raise SystemExit(f"engine {e} failed to start")
+        workers[e] = (proc, parent)
+
+    def run(e: str, prompts: list[str], params: dict[str, Any]) -> dict[str, Any]:
+        workers[e][1].send(("run", prompts, params))
+        return workers[e][1].recv()
+
+    done = 0
+    for t in temps if sweep_engines else []:
+        for n_cell, c in enumerate(concurrencies):
+            params = {"temperature": t, "max_tokens": args.sweep_max_tokens, "ignore_eos": True}
+            order = sweep_engines[n_cell % len(sweep_engines):] + sweep_engines[: n_cell % len(sweep_engines)]
+            cell = {"temperature": t, "concurrency": c, "engines": {e: _summarise(run(e, sweep_prompts[:c], params))
+                                                                    for e in order}}
+            base = cell["engines"].get("none", {}).get("tok_s")
+            for e in sweep_engines:
+                cell["engines"][e]["ratio"] = cell["engines"][e]["tok_s"] / base if base else None
+            res["sweep"].append(cell)
+            print(f"T={t} c={c}: " + " ".join(f"{e}={cell['engines'][e]['tok_s']:.1f}" for e in sweep_engines),
+                  file=sys.stderr, flush=True)
+            done += 1
+            write(done)
+        res["min_ratio"][str(t)] = {e: min(c["engines"][e]["ratio"] for c in res["sweep"] if c["temperature"] == t)
+                                    for e in sweep_engines if e != "none" and "none" in sweep_engines}
+    if rollout_engines:
+        prompts = [p for p in rollout_prompts for _ in range(args.rollout_samples)]
+        params = {"temperature": args.rollout_temperature, "max_tokens": args.rollout_max_tokens}
+        r = {"prompts": args.rollout_prompts, "samples": args.rollout_samples, "temperature": args.rollout_temperature,
+             "max_tokens": args.rollout_max_tokens, "engines": {}}
+        for e in rollout_engines:
+            raw = run(e, prompts, params)
+            r["engines"][e] = {**_summarise(raw), "lengths": raw["lengths"]}
+            print(f"rollout {e}: {raw['seconds']:.1f} s", file=sys.stderr, flush=True)
+        base = r["engines"].get("none", {}).get("seconds")
+        for v in r["engines"].values():
+            v["speedup"] = base / v["seconds"] if base else None
+        res["rollout"] = r
+        done += 1
+    write(done)
+    for proc, conn in workers.values():
+        conn.send(("stop",))
+        proc.join(timeout=60)
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
