@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "train",
     "draft-vocab": "draft_vocab",
     "export-mtp": "export_mtp",
+    "make-heads": "make_heads",
 }
 
 

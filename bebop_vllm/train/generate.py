@@ -121,6 +121,8 @@ def generate_split(
     for start in range(0, len(todo), chunk):
         part = todo[start : start + chunk]
         t0 = time.time()
+        if callable(llm) and not hasattr(llm, "generate"):  # a factory: start the engine only when needed
+            llm = llm()
         results = _sample_chunk(
             llm,
             engine,
@@ -232,20 +234,28 @@ def generate_data(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     max_len = max_prompt_tokens + max_new_tokens + 8
     if engine == "vllm":
-        from vllm import LLM
+        engine_box: list[Any] = []
 
-        # a small token budget per step keeps vLLM's start-up profiling run short on CPU
-        # (with the default budget it took ~400 s on 2 busy cores)
-        llm = LLM(
-            model=str(model_dir),
-            dtype=dtype,
-            max_model_len=max_len,
-            seed=seed,
-            # several samples per prompt share their prompt's KV cache
-            enable_prefix_caching=True,
-            max_num_batched_tokens=max(max_len, 2048),
-            max_num_seqs=max_num_seqs,
-        )
+        def llm() -> Any:  # started on first use: a finished split (a resumed run) costs no engine start
+            if not engine_box:
+                from vllm import LLM
+
+                # a small token budget per step keeps vLLM's start-up profiling run short on CPU
+                # (with the default budget it took ~400 s on 2 busy cores)
+                engine_box.append(
+                    LLM(
+                        model=str(model_dir),
+                        dtype=dtype,
+                        max_model_len=max_len,
+                        seed=seed,
+                        # several samples per prompt share their prompt's KV cache
+                        enable_prefix_caching=True,
+                        max_num_batched_tokens=max(max_len, 2048),
+                        max_num_seqs=max_num_seqs,
+                    )
+                )
+            return engine_box[0]
+
     elif engine == "prompts":
         llm = None
     elif engine == "hf":
