@@ -60,13 +60,19 @@ def test_save_load_round_trip(target: Path, tmp_path: Path) -> None:
     assert back.metadata.loss == "e2e-tv" and back.metadata.train_steps == 7
 
 
-def test_warm_start_copies_the_targets_last_layer(target: Path) -> None:
+def test_warm_start_is_the_identity_on_the_target_hidden_state(target: Path) -> None:
+    """Identity start: the layer's output projections are zero (it adds nothing yet), fc passes
+    the hidden-state half through, and norm(hnorm-path) gives back h: depth 1 reproduces the
+    target's logits at t for any tokens."""
     head = new_head(target, warm_start=True)
     model = load_target_model(target)
-    last = model.model.layers[-1]
-    assert torch.equal(head.layer.mlp.down_proj.weight, last.mlp.down_proj.weight)
-    assert torch.equal(head.layer.self_attn.k_proj.weight, last.self_attn.k_proj.weight)
-    assert torch.equal(head.norm.weight, model.model.norm.weight)
+    assert not head.layer.mlp.down_proj.weight.any() and not head.layer.self_attn.o_proj.weight.any()
+    assert head.layer.self_attn.k_proj.weight.any()  # the rest of the layer is random, ready to learn
+    torch.testing.assert_close(head.norm.weight, model.model.norm.weight)
+    ids = torch.randint(0, 128, (1, 9))
+    h = final_hidden_states(model, ids)
+    r = head.unroll(ids[:, 1:], h[:, :-1], 1)[0]
+    torch.testing.assert_close(head.logits(r), model(input_ids=ids).logits[:, :-1], rtol=1e-3, atol=1e-3)
 
 
 def test_hidden_state_is_post_final_norm(target: Path) -> None:

@@ -59,8 +59,12 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "metrics_openai_completion_stream": (f"{_COMPLETION}.completion_stream_generator",),
     "metrics_openai_chat_full": (f"{_CHAT}.chat_completion_full_generator",),
     "metrics_openai_chat_stream": (f"{_CHAT}.chat_completion_stream_generator",),
-    "draft_length_sample": (f"{_RUNNER}._sample",),
-    "draft_length_take": (f"{_RUNNER}.take_draft_token_ids",),
+    "draft_length_plan": ("vllm.v1.core.sched.scheduler:Scheduler._update_after_schedule",),
+    "draft_length_async_placeholders": ("vllm.v1.core.sched.async_scheduler:AsyncScheduler._update_after_schedule",),
+    "draft_length_trim": ("vllm.v1.core.sched.scheduler:Scheduler.update_draft_token_ids",),
+    "draft_length_observe": ("vllm.v1.core.sched.scheduler:Scheduler.update_from_output",),
+    "step_cost_gpu_worker": ("vllm.v1.worker.gpu_worker:Worker.compile_or_warm_up_model",),
+    "step_cost_cpu_worker": ("vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model",),
     # not patches: code that copies vLLM's (BebopRejectionSampler.forward mirrors forward and
     # builds the target distribution with vLLM's own helpers; kernels/sampling_operator.py
     # reproduces temperature + top-k/top-p op for op; bebop serve rebuilds `vllm serve`).
