@@ -621,3 +621,30 @@ def test_draw_uniforms_is_what_the_kernels_consume() -> None:
     assert accepted_counts(outs[0], ks) == [4, 4]  # u = 0 accepts every draft with q > 0
     assert accepted_counts(outs[1], ks) != [4, 4]
     assert draw_uniforms is bebop_rejection.draw_uniforms  # restored
+
+
+def test_all_greedy_with_no_temperature_tensor() -> None:
+    """vLLM allows ``temperature=None`` when every request is greedy (its own tests do that)."""
+    drafts, argmax, bonus, expected = GREEDY_CASES["multiple_mismatches"]
+    sampling = greedy_sampling(len(drafts))
+    sampling.temperature = None
+    theirs, ours = run_both(FixedBonusSampler(bonus), draft_rows_only_metadata(drafts), None,
+                            peaked_logits(argmax, vocab=20), sampling)
+    assert ours.tolist() == theirs.tolist() == expected
+
+
+def test_seeded_request_without_drafts_leaves_its_generator_alone() -> None:
+    """As vLLM's generate_uniform_probs: a k = 0 seeded request draws nothing in the verifier
+    (its bonus token comes from the sampler), so its generator advances as in plain decoding."""
+    from bebop_vllm.kernels import draw_uniforms_for_requests
+
+    ks = [2, 0, 1]
+    for draw in (
+        lambda gens: vllm_rs.generate_uniform_probs(sum(ks), ks, gens, torch.device("cpu")),
+        lambda gens: draw_uniforms_for_requests(ks, torch.device("cpu"), gens, skip_requests_without_drafts=True),
+    ):
+        gens = {0: torch.Generator().manual_seed(1), 1: torch.Generator().manual_seed(2)}
+        before = [g.get_state().clone() for g in gens.values()]
+        draw(gens)
+        assert not torch.equal(gens[0].get_state(), before[0])  # k = 2: drew
+        assert torch.equal(gens[1].get_state(), before[1])  # k = 0: untouched
