@@ -173,6 +173,6 @@ def rejection_sample_torch(
             greedy_token = torch.where(rejected, greedy_token, bonus_argmax)
         final_token = torch.where(greedy_request, greedy_token, final_token)
     if not has_bonus_rows:
-        final_token = torch.where(rejected, final_token, bonus_token_ids.view(-1).to(final_token.dtype))
+        final_token = torch.where(rejected, final_token, bonus_token_ids.reshape(-1).to(final_token.dtype))
     output = assemble_output(draft_token_ids, num_accepted, final_token, layout)
     return output, num_accepted.to(torch.int32)
