@@ -64,3 +64,24 @@ def sample_inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     hit = (local_cdf > threshold) & ~overflow.unsqueeze(-1)
     offset = torch.where(hit.any(dim=-1), hit.int().argmax(dim=-1), last_positive_index(local))
     return block * block_size + offset
+
+
+def sample_float64_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs [R, V]`` (>= 0, any float dtype) for ``u`` float64 ``[R]`` in [0, 1).
+
+    Returns int64 ``[R]``: the first token whose float64 cumulative mass exceeds ``u * total``.
+    Token t is returned exactly when ``u`` falls in ``[cdf(t-1), cdf(t)) / total``, an interval
+    of length ``probs[t] / total`` up to float64 rounding (2^-53 relative to the mass before t,
+    per addition): a zero-probability token gets no share, and any token above ~1e-16 of the
+    cumulative mass its own. This is the sampler for drafting, where a draft must be drawn from
+    exactly the ``q`` the verifier is handed: float32 exponential-race noise (vLLM's default)
+    is ~6e-8 apart near 0, so it can never draw a token below a few 1e-9 of the row maximum and
+    draws those near that at the wrong rate. One uniform per row, no ``[R, V]`` noise tensor.
+    """
+    if probs.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=probs.device)
+    cdf = probs.to(torch.float64).cumsum_(dim=-1)  # [R, V]
+    target = (u.to(torch.float64) * cdf[:, -1]).unsqueeze(-1)  # [R, 1]
+    token = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # u * total can round up to total (u within 2^-53 of 1): take the last positive token.
+    return torch.minimum(token, last_positive_index(probs))

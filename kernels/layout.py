@@ -4,6 +4,10 @@ Request i owns k_i >= 0 draft positions. Target rows are laid out request by req
 k_i draft-position rows, then the bonus row, so there are ``N = sum_i (k_i + 1)`` of them
 (vLLM's ``[num_tokens + batch_size, V]`` logits layout). Draft tensors hold only the
 ``Nd = sum_i k_i`` draft positions in the same order.
+
+Without bonus rows (``bonus_rows=False``: the caller already has each request's bonus token,
+as vLLM's ``RejectionSampler`` does) the target rows are the draft rows only, ``N = Nd``, in
+the same order as the draft tensors (vLLM's ``target_logits [num_tokens, V]``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class RaggedLayout:
     row_of_draft       [Nd]  target row of each draft position
     request_of_row     [N]   which request each target row belongs to
     max_num_draft_tokens     max_i k_i (host int; sizes the output)
+    has_bonus_rows           whether the target rows include a bonus row per request; when
+                             False, ``bonus_row`` is one past the request's last row (no row)
     """
 
     num_draft_tokens: torch.Tensor
@@ -38,6 +44,7 @@ class RaggedLayout:
     row_of_draft: torch.Tensor
     request_of_row: torch.Tensor
     max_num_draft_tokens: int
+    has_bonus_rows: bool = True
 
     @property
     def batch_size(self) -> int:
@@ -71,11 +78,13 @@ def build_layout(
     total_draft_tokens: int,
     device: torch.device,
     max_num_draft_tokens: int | None = None,
+    bonus_rows: bool = True,
 ) -> RaggedLayout:
     """Index maps for ``num_draft_tokens`` ``[B]`` with ``total_draft_tokens = sum k_i`` (host int).
 
     ``total_draft_tokens`` comes from ``draft_token_ids.shape[0]`` so that nothing here reads a
-    device value back (``repeat_interleave`` is given its output size).
+    device value back (``repeat_interleave`` is given its output size). ``bonus_rows=False``:
+    target rows are the draft rows only (see the module docstring).
     """
     counts = as_count_tensor(num_draft_tokens, device)
     if max_num_draft_tokens is None:
@@ -84,13 +93,17 @@ def build_layout(
     requests = torch.arange(batch, dtype=torch.int64, device=device)
     draft_end = torch.cumsum(counts, dim=0)
     draft_start = draft_end - counts
-    row_start = draft_start + requests
     request_of_draft = torch.repeat_interleave(requests, counts, output_size=total_draft_tokens)
     draft_index = torch.arange(total_draft_tokens, dtype=torch.int64, device=device)
     position_of_draft = draft_index - draft_start[request_of_draft]
-    request_of_row = torch.repeat_interleave(
-        requests, counts + 1, output_size=total_draft_tokens + batch
-    )
+    if bonus_rows:
+        row_start = draft_start + requests
+        row_of_draft = draft_index + request_of_draft
+        request_of_row = torch.repeat_interleave(
+            requests, counts + 1, output_size=total_draft_tokens + batch
+        )
+    else:
+        row_start, row_of_draft, request_of_row = draft_start, draft_index, request_of_draft
     return RaggedLayout(
         num_draft_tokens=counts,
         draft_start=draft_start,
@@ -98,7 +111,8 @@ def build_layout(
         bonus_row=row_start + counts,
         request_of_draft=request_of_draft,
         position_of_draft=position_of_draft,
-        row_of_draft=draft_index + request_of_draft,
+        row_of_draft=row_of_draft,
         request_of_row=request_of_row,
         max_num_draft_tokens=int(max_num_draft_tokens),
+        has_bonus_rows=bonus_rows,
     )

@@ -59,6 +59,8 @@ def draw_uniforms_for_requests(
     num_draft_tokens: list[int],
     device: torch.device,
     generators: dict[int, torch.Generator] | None = None,
+    *,
+    skip_requests_without_drafts: bool = False,
 ) -> RejectionUniforms:
     """Uniforms for a batch in which some requests carry their own seeded generator.
 
@@ -66,7 +68,10 @@ def draw_uniforms_for_requests(
     seeded request (``generators[i]``, vLLM's ``sampling_metadata.generators``) redraws its
     own k_i acceptance uniforms and then its final uniform from its generator, so its output
     depends only on its seed and its own inputs. The Python loop runs over seeded requests
-    only (as in vLLM); requests with k_i = 0 still draw their final uniform.
+    only (as in vLLM). Requests with k_i = 0 draw their final uniform (it samples their bonus
+    row) unless ``skip_requests_without_drafts``: when the bonus token is given
+    (``bonus_token_ids``) such a request uses no uniform, and, as vLLM does, its generator
+    is then left untouched.
     """
     total = sum(num_draft_tokens)
     uniforms = draw_uniforms(total, len(num_draft_tokens), device)
@@ -78,5 +83,7 @@ def draw_uniforms_for_requests(
             start, k = starts[request], num_draft_tokens[request]
             if k:
                 uniforms.accept[start:start + k].uniform_(generator=generator)
+            elif skip_requests_without_drafts:
+                continue
             uniforms.final[request : request + 1].uniform_(generator=generator)
     return uniforms

@@ -6,6 +6,13 @@
   (``sampling_operator.py``), greedy and random requests mixed, optional per-row entropy.
 - ``greedy_verify``: temperature-0 verification.
 
+Every entry takes target rows in one of two layouts: per request its k_i draft rows then its
+bonus row (``N = sum_i (k_i + 1)``), or, when ``bonus_token_ids [B]`` is given, the draft rows
+only (``N = sum_i k_i``, vLLM's ``target_logits``) with each request's bonus token already
+chosen (vLLM's ``RejectionSampler`` takes it from its ``Sampler``). Draft ids outside
+``[0, V)`` (vLLM pads grammar-rejected drafts with -1) are rejected at their position and never
+used as an index, on every backend, as vLLM's verifier does.
+
 Backends: Triton kernels on CUDA (``rejection_triton.py``), vectorised torch elsewhere
 (``rejection_torch.py``, also the reference). ``backend="triton"`` forces the kernels, which
 on CPU tensors works only under ``TRITON_INTERPRET=1`` (the tests use that).
@@ -63,8 +70,33 @@ def _layout_for(
     draft_token_ids: torch.Tensor,
     device: torch.device,
     max_num_draft_tokens: int | None,
+    bonus_token_ids: torch.Tensor | None = None,
 ) -> RaggedLayout:
-    return build_layout(num_draft_tokens, draft_token_ids.shape[0], device, max_num_draft_tokens)
+    return build_layout(
+        num_draft_tokens, draft_token_ids.shape[0], device, max_num_draft_tokens,
+        bonus_rows=bonus_token_ids is None,
+    )
+
+
+def _validate_common(
+    target: torch.Tensor,
+    name: str,
+    num_draft_tokens: Sequence[int] | torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    bonus_token_ids: torch.Tensor | None,
+) -> list[int]:
+    """Checks shared by the entries; returns k_i as host ints."""
+    device = target.device
+    counts = validation.check_num_draft_tokens(num_draft_tokens)
+    validation.check_target_rows(target, counts, name, bonus_rows=bonus_token_ids is None)
+    vocab = target.shape[1]
+    validation.check_draft_tokens(draft_token_ids, counts, vocab, device)
+    if draft_probs is not None:
+        validation.check_draft_probs(draft_probs, draft_token_ids, vocab, device)
+    if bonus_token_ids is not None:
+        validation.check_bonus_token_ids(bonus_token_ids, len(counts), vocab, device)
+    return counts
 
 
 def _uniforms_for(
@@ -89,13 +121,15 @@ def rejection_sample(
     validate: bool = True,
     uniforms: RejectionUniforms | None = None,
     backend: Backend = "auto",
+    bonus_token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact chain rejection sampling from target probabilities.
 
     Args:
         target_probs: float32 ``[sum_i (k_i + 1), V]``: per request, its k_i draft-position
-            rows then its bonus row. Each row is the distribution the target samples from.
-        draft_token_ids: int ``[sum_i k_i]``.
+            rows then its bonus row; with ``bonus_token_ids``, ``[sum_i k_i, V]`` (draft rows
+            only). Each row is the distribution the target samples from.
+        draft_token_ids: int ``[sum_i k_i]``; ids < 0 are rejected at their position.
         num_draft_tokens: ``[B]`` list or int tensor, k_i >= 0 (a device tensor costs one
             sync to size the output; pass a list on hot paths).
         draft_probs: float32 ``[sum_i k_i, V]``, or None for one-hot (greedy) drafts.
@@ -103,6 +137,8 @@ def rejection_sample(
         validate: check the inputs (device syncs); False on hot paths.
         uniforms: pre-drawn random numbers (``draw_uniforms``) instead of ``generator``.
         backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        bonus_token_ids: int ``[B]`` (or ``[B, 1]``): the token emitted when all k_i drafts
+            are accepted; then ``target_probs`` holds no bonus rows.
 
     Returns:
         ``output_token_ids`` int32 ``[B, max_i k_i + 1]`` (accepted drafts, then the
@@ -115,15 +151,12 @@ def rejection_sample(
     device = target_probs.device
     max_k = None
     if validate:
-        counts = validation.check_num_draft_tokens(num_draft_tokens)
-        validation.check_target_rows(target_probs, counts, "target_probs")
+        counts = _validate_common(
+            target_probs, "target_probs", num_draft_tokens, draft_token_ids, draft_probs, bonus_token_ids
+        )
         validation.check_distribution(target_probs, "target_probs")
-        vocab = target_probs.shape[1]
-        validation.check_draft_tokens(draft_token_ids, counts, vocab, device)
-        if draft_probs is not None:
-            validation.check_draft_probs(draft_probs, draft_token_ids, vocab, device)
         max_k = max(counts, default=0)
-    layout = _layout_for(num_draft_tokens, draft_token_ids, device, max_k)
+    layout = _layout_for(num_draft_tokens, draft_token_ids, device, max_k, bonus_token_ids)
     uniforms = _uniforms_for(layout, device, generator, uniforms)
     if _use_triton(device, backend):
         from bebop_vllm.kernels.rejection_triton import accept_and_sample
@@ -131,8 +164,11 @@ def rejection_sample(
         return accept_and_sample(
             target_probs.contiguous(), draft_token_ids.contiguous(), layout,
             draft_probs.contiguous() if draft_probs is not None else None, uniforms,
+            bonus_token_ids=bonus_token_ids,
         )
-    return rejection_sample_torch(target_probs, draft_token_ids, layout, draft_probs, uniforms)
+    return rejection_sample_torch(
+        target_probs, draft_token_ids, layout, draft_probs, uniforms, bonus_token_ids=bonus_token_ids
+    )
 
 
 def greedy_verify(
@@ -141,34 +177,45 @@ def greedy_verify(
     num_draft_tokens: Sequence[int] | torch.Tensor,
     *,
     validate: bool = True,
+    bonus_token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Temperature-0 verification: accept while draft == target argmax, then emit the argmax.
 
-    Shapes: ``[sum_i (k_i + 1), V]`` logits or probabilities (argmax is the same), draft ids
-    ``[sum_i k_i]``, ``num_draft_tokens [B]``. Returns ``(output_token_ids int32
-    [B, max_k + 1] -1 padded, num_accepted int32 [B])``. Ties go to the first index, as
-    ``torch.argmax`` and vLLM's greedy sampler break them.
+    Shapes: ``[sum_i (k_i + 1), V]`` logits or probabilities (argmax is the same), or
+    ``[sum_i k_i, V]`` with ``bonus_token_ids [B]`` (emitted when all drafts match); draft
+    ids ``[sum_i k_i]`` (ids < 0 never match), ``num_draft_tokens [B]``. Returns
+    ``(output_token_ids int32 [B, max_k + 1] -1 padded, num_accepted int32 [B])``. Ties go
+    to the first index, as ``torch.argmax`` and vLLM's greedy sampler break them.
     """
     device = target_logits_or_probs.device
     max_k = None
     if validate:
-        counts = validation.check_num_draft_tokens(num_draft_tokens)
-        validation.check_target_rows(target_logits_or_probs, counts, "target_logits_or_probs")
+        counts = _validate_common(
+            target_logits_or_probs, "target_logits_or_probs", num_draft_tokens, draft_token_ids,
+            None, bonus_token_ids,
+        )
         if not target_logits_or_probs.dtype.is_floating_point:
             raise ValueError(
                 f"target_logits_or_probs must be floating point, got {target_logits_or_probs.dtype}"
             )
         if bool(torch.isnan(target_logits_or_probs).any()):
             raise ValueError("target_logits_or_probs contains NaN")
-        validation.check_draft_tokens(
-            draft_token_ids, counts, target_logits_or_probs.shape[1], device
-        )
         max_k = max(counts, default=0)
-    layout = _layout_for(num_draft_tokens, draft_token_ids, device, max_k)
+    layout = _layout_for(num_draft_tokens, draft_token_ids, device, max_k, bonus_token_ids)
     row_argmax = target_logits_or_probs.argmax(dim=-1)
+    # A -1 draft never equals an argmax, so it is rejected without being used as an index.
     accepted = draft_token_ids.long() == row_argmax[layout.row_of_draft]
     num_accepted = count_accepted(accepted, layout)
-    final_token = row_argmax[layout.row_start + num_accepted]
+    if bonus_token_ids is None:
+        final_token = row_argmax[layout.row_start + num_accepted]
+    else:
+        rejected = num_accepted < layout.num_draft_tokens
+        bonus = bonus_token_ids.reshape(-1).long()
+        if row_argmax.shape[0]:
+            final_row = (layout.row_start + num_accepted).clamp(max=row_argmax.shape[0] - 1)
+            final_token = torch.where(rejected, row_argmax[final_row], bonus)
+        else:
+            final_token = bonus
     output = assemble_output(draft_token_ids, num_accepted, final_token, layout)
     return output, num_accepted.to(torch.int32)
 
@@ -205,6 +252,7 @@ def rejection_sample_from_logits(
     allow_inplace: bool = False,
     validate: bool = True,
     backend: Backend = "auto",
+    bonus_token_ids: torch.Tensor | None = None,
 ) -> RejectionOutput:
     """Fused verifier entry for vLLM's hot path: target logits -> accepted tokens.
 
@@ -217,10 +265,11 @@ def rejection_sample_from_logits(
 
     Args:
         logits: ``[N, V]`` float32/bf16/f16, ``N = sum_i (k_i + 1)``, vLLM's layout (per
-            request its k_i draft-position rows, then its bonus row). Not modified unless
+            request its k_i draft-position rows, then its bonus row); with
+            ``bonus_token_ids``, ``N = sum_i k_i`` (draft rows only). Not modified unless
             ``allow_inplace`` and top-k/top-p are used (then a float32 ``logits`` is divided
             and masked in place, as vLLM does on its own copy).
-        draft_token_ids: int ``[Nd = sum_i k_i]``.
+        draft_token_ids: int ``[Nd = sum_i k_i]``; ids < 0 are rejected at their position.
         num_draft_tokens: ``[B]`` list of ints (vLLM's ``metadata.num_draft_tokens``) or
             int tensor.
         temperature: float ``[B]`` per request (0 = greedy); vLLM's
@@ -236,6 +285,9 @@ def rejection_sample_from_logits(
         generator / uniforms: random source (see ``rejection_sample``).
         validate: check inputs (device syncs).
         backend: "auto" | "torch" | "triton".
+        bonus_token_ids: int ``[B]`` (or ``[B, 1]``): each request's bonus token, already
+            sampled (vLLM's ``RejectionSampler`` gets it from its ``Sampler``); emitted, for
+            greedy and random requests alike, when every draft is accepted.
 
     Returns:
         ``RejectionOutput(output_token_ids int32 [B, max_k + 1] -1 padded,
@@ -248,16 +300,11 @@ def rejection_sample_from_logits(
     """
     device = logits.device
     if validate:
-        counts = validation.check_num_draft_tokens(num_draft_tokens)
-        validation.check_target_rows(logits, counts, "logits")
+        counts = _validate_common(logits, "logits", num_draft_tokens, draft_token_ids, draft_probs, bonus_token_ids)
         validation.check_logits(logits)
-        vocab = logits.shape[1]
-        validation.check_draft_tokens(draft_token_ids, counts, vocab, device)
-        if draft_probs is not None:
-            validation.check_draft_probs(draft_probs, draft_token_ids, vocab, device)
-        validation.check_sampling_params(temperature, top_k, top_p, len(counts), vocab)
+        validation.check_sampling_params(temperature, top_k, top_p, len(counts), logits.shape[1])
         max_num_draft_tokens = max(counts, default=0)
-    layout = _layout_for(num_draft_tokens, draft_token_ids, device, max_num_draft_tokens)
+    layout = _layout_for(num_draft_tokens, draft_token_ids, device, max_num_draft_tokens, bonus_token_ids)
     uniforms = _uniforms_for(layout, device, generator, uniforms)
 
     greedy_request = None if all_random else is_greedy_temperature(temperature.to(device))
@@ -266,7 +313,7 @@ def rejection_sample_from_logits(
     row_top_k = top_k.to(device)[layout.request_of_row] if top_k is not None else None
     row_top_p = top_p.to(device)[layout.request_of_row] if top_p is not None else None
     bonus_argmax = None
-    if greedy_request is not None:
+    if greedy_request is not None and bonus_token_ids is None:
         # vLLM's greedy bonus sampler takes the argmax before temperature and top-k/top-p.
         bonus_argmax = logits[layout.bonus_row].argmax(dim=-1)
 
@@ -287,6 +334,7 @@ def rejection_sample_from_logits(
             draft_probs.contiguous() if draft_probs is not None else None, uniforms,
             row_temperature=kernel_temperature, lse=lse,
             greedy_request=greedy_request, row_argmax=row_argmax, bonus_argmax=bonus_argmax,
+            bonus_token_ids=bonus_token_ids,
         )
         return RejectionOutput(output, num_accepted, entropy)
 
@@ -311,5 +359,6 @@ def rejection_sample_from_logits(
     output, num_accepted = rejection_sample_torch(
         probs, draft_token_ids, layout, draft_probs, uniforms,
         greedy_request=greedy_request, row_argmax=row_argmax, bonus_argmax=bonus_argmax,
+        bonus_token_ids=bonus_token_ids,
     )
     return RejectionOutput(output, num_accepted, entropy)

@@ -119,7 +119,8 @@ def accept_and_sample_kernel(
     row_argmax_ptr,  # [N] int32 (HAS_GREEDY)
     bonus_argmax_ptr,  # [B] int64 (HAS_GREEDY)
     greedy_ptr,  # [B] bool (HAS_GREEDY)
-    draft_token_ids_ptr,  # [Nd]
+    bonus_token_ids_ptr,  # [B] int (HAS_BONUS_IDS): emitted when every draft is accepted
+    draft_token_ids_ptr,  # [Nd]; ids outside [0, V) (vLLM's -1 padding) are rejected
     draft_probs_ptr,  # [Nd, V] (HAS_DRAFT_PROBS)
     draft_row_stride,
     num_draft_tokens_ptr,  # [B] int64
@@ -131,12 +132,16 @@ def accept_and_sample_kernel(
     FROM_LOGITS: tl.constexpr,
     HAS_DRAFT_PROBS: tl.constexpr,
     HAS_GREEDY: tl.constexpr,
+    HAS_BONUS_IDS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     request = tl.program_id(0).to(tl.int64)
     num_drafts = tl.load(num_draft_tokens_ptr + request)
     draft_start = tl.load(draft_start_ptr + request)
-    row_start = draft_start + request
+    if HAS_BONUS_IDS:
+        row_start = draft_start  # target rows are the draft rows only
+    else:
+        row_start = draft_start + request  # k_i draft rows, then the bonus row
     out_base = output_ptr + request * output_stride
     greedy = tl.zeros([], tl.int1)
     if HAS_GREEDY:
@@ -147,16 +152,18 @@ def accept_and_sample_kernel(
     for pos in range(0, num_drafts):
         if not rejected:
             token = tl.load(draft_token_ids_ptr + draft_start + pos).to(tl.int64)
+            # An invalid id is never read through (masked loads) and is rejected below.
+            valid = (token >= 0) & (token < vocab_size)
             row = row_start + pos
             if FROM_LOGITS:
-                logit = tl.load(target_ptr + row * target_row_stride + token).to(tl.float32)
+                logit = tl.load(target_ptr + row * target_row_stride + token, mask=valid, other=float("-inf"))
                 temperature = tl.load(row_temperature_ptr + row)
-                p = tl.exp(logit / temperature - tl.load(lse_ptr + row))
+                p = tl.exp(logit.to(tl.float32) / temperature - tl.load(lse_ptr + row))
             else:
-                p = tl.load(target_ptr + row * target_row_stride + token).to(tl.float32)
+                p = tl.load(target_ptr + row * target_row_stride + token, mask=valid, other=0.0).to(tl.float32)
             u = tl.load(accept_u_ptr + draft_start + pos)
             if HAS_DRAFT_PROBS:
-                q = tl.load(draft_probs_ptr + (draft_start + pos) * draft_row_stride + token)
+                q = tl.load(draft_probs_ptr + (draft_start + pos) * draft_row_stride + token, mask=valid, other=0.0)
                 q = q.to(tl.float32)
                 accept = (q > 0) & (u < (p / q).to(tl.float64))
             else:
@@ -164,6 +171,7 @@ def accept_and_sample_kernel(
             if HAS_GREEDY:
                 if greedy:
                     accept = token == tl.load(row_argmax_ptr + row).to(tl.int64)
+            accept = accept & valid
             if accept:
                 tl.store(out_base + pos, token.to(tl.int32))
                 num_accepted += 1
@@ -173,7 +181,13 @@ def accept_and_sample_kernel(
 
     final_row = row_start + num_accepted
     final_token = tl.zeros([], tl.int64)
-    if greedy:
+    take_bonus_id = tl.zeros([], tl.int1)
+    if HAS_BONUS_IDS:
+        take_bonus_id = not rejected
+    if take_bonus_id:
+        # No bonus row to read (and final_row may be past the last row): the given token.
+        final_token = tl.load(bonus_token_ids_ptr + request).to(tl.int64)
+    elif greedy:
         if rejected:
             final_token = tl.load(row_argmax_ptr + final_row).to(tl.int64)
         else:
@@ -186,9 +200,13 @@ def accept_and_sample_kernel(
             temperature = tl.load(row_temperature_ptr + final_row)
             lse = tl.load(lse_ptr + final_row)
         rejected_index = draft_start + tl.minimum(num_accepted, tl.maximum(num_drafts - 1, 0))
+        # -1 (one-hot on no token) unless a valid draft token was rejected: an invalid
+        # draft removes no mass from p, as in vLLM's recovered-token kernel.
         rejected_token = tl.zeros([], tl.int64) - 1
         if rejected:
             rejected_token = tl.load(draft_token_ids_ptr + rejected_index).to(tl.int64)
+            if (rejected_token < 0) | (rejected_token >= vocab_size):
+                rejected_token = tl.zeros([], tl.int64) - 1
         draft_base = rejected_index * draft_row_stride
         # Pass 1: total mass of the emitted distribution (float32 blocks, float64 total).
         residual = rejected
@@ -277,11 +295,13 @@ def accept_and_sample(
     greedy_request: torch.Tensor | None = None,
     row_argmax: torch.Tensor | None = None,
     bonus_argmax: torch.Tensor | None = None,
+    bonus_token_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch ``accept_and_sample_kernel``; ``target`` is probabilities unless ``lse`` is given.
 
     Shapes as in ``rejection_torch.rejection_sample_torch``; with logits, ``row_temperature
-    [N]`` and ``lse [N]`` (from ``row_stats``) define p = exp(logits / T - lse).
+    [N]`` and ``lse [N]`` (from ``row_stats``) define p = exp(logits / T - lse). Without
+    bonus rows (``layout.has_bonus_rows`` False) ``bonus_token_ids [B]`` is required.
     Returns ``(output_token_ids int32 [B, max_k + 1], num_accepted int32 [B])``.
     """
     batch = layout.batch_size
@@ -293,14 +313,18 @@ def accept_and_sample(
         return output, num_accepted
     from_logits = lse is not None
     has_greedy = greedy_request is not None
+    has_bonus_ids = not layout.has_bonus_rows
+    if has_bonus_ids and bonus_token_ids is None:
+        raise ValueError("target rows without bonus rows need bonus_token_ids")
     dummy = uniforms.final  # any tensor: pointers of disabled features are never read
     accept_and_sample_kernel[(batch,)](
         output, num_accepted, target, target.stride(0),
         row_temperature if from_logits else dummy,
         lse if from_logits else dummy,
         row_argmax if has_greedy else dummy,
-        bonus_argmax if has_greedy else dummy,
+        bonus_argmax if has_greedy and bonus_argmax is not None else dummy,
         greedy_request if has_greedy else dummy,
+        bonus_token_ids.reshape(-1) if has_bonus_ids else dummy,
         draft_token_ids,
         draft_probs if draft_probs is not None else dummy,
         draft_probs.stride(0) if draft_probs is not None else 0,
@@ -310,6 +334,7 @@ def accept_and_sample(
         FROM_LOGITS=from_logits,
         HAS_DRAFT_PROBS=draft_probs is not None,
         HAS_GREEDY=has_greedy,
+        HAS_BONUS_IDS=has_bonus_ids,
         BLOCK=BLOCK_V,
     )
     return output, num_accepted

@@ -39,7 +39,11 @@ def check_num_draft_tokens(num_draft_tokens: Sequence[int] | torch.Tensor) -> li
 def check_draft_tokens(
     draft_token_ids: torch.Tensor, counts: list[int], vocab_size: int, device: torch.device
 ) -> None:
-    """Shape ``[sum k_i]``, integer dtype, ids in ``[0, V)``, on ``device``."""
+    """Shape ``[sum k_i]``, integer dtype, ids ``< V``, on ``device``.
+
+    Negative ids are allowed: vLLM pads drafts that a grammar rejected with -1 and the
+    samplers reject them at their position. An id ``>= V`` is a caller bug.
+    """
     if draft_token_ids.ndim != 1:
         raise ValueError(
             f"draft_token_ids must be 1-D [sum(num_draft_tokens)], got shape {tuple(draft_token_ids.shape)}"
@@ -54,22 +58,44 @@ def check_draft_tokens(
     if draft_token_ids.device != device:
         raise ValueError(f"draft_token_ids is on {draft_token_ids.device}, target on {device}")
     if draft_token_ids.numel():
-        low, high = int(draft_token_ids.min()), int(draft_token_ids.max())
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"draft token id {bad} is out of range [0, {vocab_size})")
+        high = int(draft_token_ids.max())
+        if high >= vocab_size:
+            raise ValueError(
+                f"draft token id {high} is out of range [0, {vocab_size}) (negative ids mean 'rejected')"
+            )
 
 
-def check_target_rows(target: torch.Tensor, counts: list[int], name: str) -> None:
-    """``target`` is 2-D with ``sum(k_i + 1)`` rows."""
+def check_target_rows(target: torch.Tensor, counts: list[int], name: str, bonus_rows: bool = True) -> None:
+    """``target`` is 2-D with ``sum(k_i + 1)`` rows (``sum(k_i)`` without bonus rows)."""
+    rows = "sum(k_i + 1)" if bonus_rows else "sum(k_i)"
     if target.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [sum(k_i + 1), V], got shape {tuple(target.shape)}")
-    expected = sum(counts) + len(counts)
+        raise ValueError(f"{name} must be 2-D [{rows}, V], got shape {tuple(target.shape)}")
+    expected = sum(counts) + (len(counts) if bonus_rows else 0)
     if target.shape[0] != expected:
+        hint = "" if bonus_rows else " (bonus_token_ids given: draft rows only)"
         raise ValueError(
             f"{name} has {target.shape[0]} rows but num_draft_tokens {counts[:8]}"
-            f"{'...' if len(counts) > 8 else ''} needs sum(k_i + 1) = {expected}"
+            f"{'...' if len(counts) > 8 else ''} needs {rows} = {expected}{hint}"
         )
+
+
+def check_bonus_token_ids(
+    bonus_token_ids: torch.Tensor, batch_size: int, vocab_size: int, device: torch.device
+) -> None:
+    """``[B]`` or ``[B, 1]`` integer ids in ``[0, V)`` on ``device``."""
+    if bonus_token_ids.dtype.is_floating_point or bonus_token_ids.dtype == torch.bool:
+        raise ValueError(f"bonus_token_ids must be integers, got dtype {bonus_token_ids.dtype}")
+    if bonus_token_ids.numel() != batch_size or bonus_token_ids.ndim not in (1, 2):
+        raise ValueError(
+            f"bonus_token_ids must have shape ({batch_size},) or ({batch_size}, 1), "
+            f"got {tuple(bonus_token_ids.shape)}"
+        )
+    if bonus_token_ids.device != device:
+        raise ValueError(f"bonus_token_ids is on {bonus_token_ids.device}, target on {device}")
+    if bonus_token_ids.numel():
+        low, high = int(bonus_token_ids.min()), int(bonus_token_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"bonus token id {low if low < 0 else high} is out of range [0, {vocab_size})")
 
 
 def check_distribution(probs: torch.Tensor, name: str) -> None:
@@ -94,7 +120,7 @@ def check_distribution(probs: torch.Tensor, name: str) -> None:
 def check_draft_probs(
     draft_probs: torch.Tensor, draft_token_ids: torch.Tensor, vocab_size: int, device: torch.device
 ) -> None:
-    """``[sum k_i, V]`` distributions that give each drafted token positive probability."""
+    """``[sum k_i, V]`` distributions that give each valid drafted token positive probability."""
     expected = (draft_token_ids.shape[0], vocab_size)
     if draft_probs.ndim != 2 or tuple(draft_probs.shape) != expected:
         raise ValueError(
@@ -106,8 +132,10 @@ def check_draft_probs(
     check_distribution(draft_probs, "draft_probs")
     if draft_token_ids.numel():
         rows = torch.arange(draft_token_ids.shape[0], device=device)
-        q_at_draft = draft_probs[rows, draft_token_ids.long()]
-        zero = torch.nonzero(q_at_draft <= 0)
+        ids = draft_token_ids.long()
+        valid = ids >= 0  # negative ids are rejected drafts (vLLM's -1 padding): no q to check
+        q_at_draft = draft_probs[rows, ids.clamp(min=0)]
+        zero = torch.nonzero((q_at_draft <= 0) & valid)
         if zero.numel():
             t = int(zero[0, 0])
             raise ValueError(

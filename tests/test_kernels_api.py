@@ -232,7 +232,6 @@ def _valid():
         (lambda p, x, ks, q: (p.index_fill(1, torch.tensor([0]), float("inf")), x, ks, q), "NaN or inf"),
         (lambda p, x, ks, q: (p - p.mean(), x, ks, q), "negative probabilities"),
         (lambda p, x, ks, q: (p, x.index_fill(0, torch.tensor([1]), 16), ks, q), "out of range \\[0, 16\\)"),
-        (lambda p, x, ks, q: (p, x.index_fill(0, torch.tensor([0]), -3), ks, q), "draft token id -3"),
         (lambda p, x, ks, q: (p, x.float(), ks, q), "must be integers"),
         (lambda p, x, ks, q: (p, x, ks, q[:, :8]), "draft_probs must have shape"),
         (lambda p, x, ks, q: (p, x, ks, q * 2), "draft_probs row \\d+ sums to"),

@@ -5,16 +5,26 @@ verify against is, op for op, the one vLLM would sample from: the bonus token co
 ``Sampler`` (all its logits processors), draft positions get vLLM's
 ``apply_logits_processors`` (penalties, bad words, allowed ids, min-tokens) and
 ``apply_sampling_constraints`` (temperature, top-k, top-p; its CPU expand bug is fixed by the
-``cpu_expand_fix`` patch). Only the chain rejection sampling is ours
-(``bebop_vllm.kernels.rejection_sample``), fed in the kernels' ragged row layout:
+``cpu_expand_fix`` patch). Only the chain rejection sampling is ours: the fused
+``bebop_vllm.kernels.rejection_sample_from_logits`` (what ``benchmarks/bench_rejection.py``
+times), fed exactly what vLLM's module-level ``rejection_sample`` is fed:
 
-- draft rows: p = softmax(constrained target logits); greedy requests get p = one-hot(argmax)
-  and q = one-hot(draft), which makes rejection sampling reproduce greedy verification exactly
-  (accept iff draft == argmax, else emit argmax) without a second code path;
-- bonus rows: one-hot at vLLM's sampled bonus token, so the bonus is exactly vLLM's.
+- the constrained target logits of the draft rows, ``[num_draft_tokens, V]`` (already divided
+  by temperature, so the kernel is told T = 1 for random requests);
+- greedy requests as a ``[B]`` mask (vLLM's rule: temperature exactly 0): they accept while
+  draft == argmax, else emit the argmax;
+- the bonus tokens vLLM's ``Sampler`` chose, as ``[B]`` ids, emitted when every draft is
+  accepted (no bonus rows are built);
+- draft ids < 0 (vLLM pads grammar-rejected drafts with -1) are rejected at their position.
 
-Seeded requests are verified with their own ``torch.Generator`` (one kernel call each) so a
-seeded request is reproducible whatever else is in the batch.
+The logits layout is whatever ``metadata`` says: rows are only ever picked with
+``target_logits_indices`` / ``bonus_logits_indices``, as vLLM does. Inputs vLLM's contract does
+not allow (a bonus-token count that is not the batch size, target rows that do not match the
+drafts) raise a ``ValueError`` naming the mismatch instead of producing a token.
+
+Random numbers: one draw for the batch; seeded requests redraw theirs from their own
+``torch.Generator`` (``draw_uniforms_for_requests``), so a seeded request is reproducible
+whatever else is in the batch.
 
 After each call ``last_target_entropy`` holds float32 ``[num_draft_tokens]`` entropies (nats) of
 the target distribution at every verified draft position, in vLLM's flattened draft order. For
@@ -30,7 +40,7 @@ from typing import Any
 import torch
 from vllm.v1.outputs import SamplerOutput
 from vllm.v1.sample import rejection_sampler as vllm_rs
-from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSampler
+from vllm.v1.sample.rejection_sampler import RejectionSampler
 
 
 class BebopRejectionSampler(RejectionSampler):
@@ -51,7 +61,8 @@ class BebopRejectionSampler(RejectionSampler):
     ) -> SamplerOutput:
         # Mirrors RejectionSampler.forward (vllm/v1/sample/rejection_sampler.py:104, vLLM 0.32.0)
         # up to the call of its module-level rejection_sample, which _verify replaces.
-        assert metadata.max_spec_len <= vllm_rs.MAX_SPEC_LEN
+        if metadata.max_spec_len > vllm_rs.MAX_SPEC_LEN:
+            raise ValueError(f"max_spec_len {metadata.max_spec_len} exceeds vLLM's MAX_SPEC_LEN {vllm_rs.MAX_SPEC_LEN}")
         bonus_logits = logits[metadata.bonus_logits_indices]
         bonus_sampler_output = self.sampler(
             logits=bonus_logits,
@@ -63,7 +74,10 @@ class BebopRejectionSampler(RejectionSampler):
 
         raw_target_logits = logits[metadata.target_logits_indices].to(torch.float32)
         target_logits = raw_target_logits
-        if not self.is_processed_logprobs_mode:
+        want_logprobs = sampling_metadata.max_num_logprobs is not None
+        if want_logprobs and not self.is_processed_logprobs_mode:
+            # The processors below work in place; keep the raw rows for the logprobs. (vLLM
+            # always clones; without logprobs the raw rows are never read again.)
             target_logits = target_logits.clone()
         target_logits = self.apply_logits_processors(target_logits, sampling_metadata, metadata)
         target_logits = vllm_rs.apply_sampling_constraints(
@@ -73,7 +87,7 @@ class BebopRejectionSampler(RejectionSampler):
         output_token_ids = self._verify(metadata, draft_probs, target_logits, bonus_token_ids, sampling_metadata)
 
         logprobs_tensors = None
-        if sampling_metadata.max_num_logprobs is not None:
+        if want_logprobs:
             logprobs_tensors = self._get_logprobs_tensors(
                 sampling_metadata.max_num_logprobs,
                 metadata,
@@ -92,84 +106,92 @@ class BebopRejectionSampler(RejectionSampler):
         bonus_token_ids: torch.Tensor,
         sampling_metadata: Any,
     ) -> torch.Tensor:
-        from bebop_vllm.kernels import entropy, rejection_sample
+        """Accepted drafts + recovered / bonus token: int32 ``[B, max_spec_len + 1]``, -1 padded.
+
+        ``target_logits [num_draft_tokens, V]`` float32 after vLLM's processors and sampling
+        constraints; ``bonus_token_ids [B, 1]`` from vLLM's sampler; ``draft_probs
+        [num_draft_tokens, V]`` or None (one-hot drafts).
+        """
+        from bebop_vllm.kernels import draw_uniforms_for_requests, rejection_sample_from_logits
 
         num_draft = list(metadata.num_draft_tokens)
         batch = len(num_draft)
-        num_tokens, vocab = target_logits.shape
+        draft_ids = metadata.draft_token_ids
+        check_contract(num_draft, draft_ids, draft_probs, target_logits, bonus_token_ids)
         device = target_logits.device
-        draft_ids = metadata.draft_token_ids.to(torch.int64)
 
-        target_probs = target_logits.softmax(dim=-1, dtype=torch.float32)
-        self.last_target_entropy = entropy(target_probs).to(torch.float32)
-
-        greedy_tokens = self._greedy_token_mask(sampling_metadata, num_draft, device)
-        if greedy_tokens is not None:
-            # Greedy rows: p = one-hot(argmax), q = one-hot(draft) -> accept iff equal, else argmax.
-            argmax_rows = torch.zeros_like(target_probs).scatter_(1, target_logits.argmax(-1, keepdim=True), 1.0)
-            target_probs = torch.where(greedy_tokens.unsqueeze(1), argmax_rows, target_probs)
-            if draft_probs is not None:
-                one_hot_draft = torch.zeros_like(draft_probs).scatter_(1, draft_ids.unsqueeze(1), 1.0)
-                draft_probs = torch.where(greedy_tokens.unsqueeze(1), one_hot_draft, draft_probs.float())
+        greedy = greedy_temperature(sampling_metadata, batch, device)
+        generators: dict[int, torch.Generator] = sampling_metadata.generators
+        uniforms = None
+        if generators and not sampling_metadata.all_greedy:
+            # One draw for the batch, then each seeded request's own (vLLM's
+            # generate_uniform_probs: k_i = 0 requests leave their generator alone).
+            uniforms = draw_uniforms_for_requests(num_draft, device, generators, skip_requests_without_drafts=True)
         if draft_probs is not None:
             draft_probs = draft_probs.to(torch.float32).contiguous()
+        result = rejection_sample_from_logits(
+            target_logits,
+            draft_ids.contiguous(),
+            num_draft,
+            greedy,
+            draft_probs,
+            max_num_draft_tokens=metadata.max_spec_len,
+            all_random=bool(sampling_metadata.all_random),
+            return_entropy=True,
+            uniforms=uniforms,
+            validate=False,
+            bonus_token_ids=bonus_token_ids,
+        )
+        self.last_target_entropy = result.entropy
+        return result.output_token_ids
 
-        # Kernel layout: per request, its draft rows then its bonus row (vLLM's logits layout).
-        rows = torch.zeros(num_tokens + batch, vocab, dtype=torch.float32, device=device)
-        rows[metadata.target_logits_indices] = target_probs
-        rows[metadata.bonus_logits_indices] = 0.0
-        rows[metadata.bonus_logits_indices, bonus_token_ids.view(-1).to(torch.int64)] = 1.0
 
-        generators: dict[int, torch.Generator] = sampling_metadata.generators
-        max_spec_len = metadata.max_spec_len
-        if not generators:
-            out, _ = rejection_sample(rows, draft_ids, num_draft, draft_probs, validate=False)
-            return self._pad(out, batch, max_spec_len)
+def greedy_temperature(sampling_metadata: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """float32 ``[B]``: 0 for greedy requests, 1 for random ones (the temperature still to apply).
 
-        # Seeded requests draw their uniforms from their own generator; the rest share one call.
-        output = torch.full((batch, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=device)
-        cu = [0]
-        for k in num_draft:
-            cu.append(cu[-1] + k)
-        groups: list[tuple[list[int], torch.Generator | None]] = [([i], g) for i, g in sorted(generators.items())]
-        rest = [i for i in range(batch) if i not in generators]
-        if rest:
-            groups.append((rest, None))
-        for reqs, gen in groups:
-            draft_idx = [t for i in reqs for t in range(cu[i], cu[i + 1])]
-            row_idx = [r for i in reqs for r in range(cu[i] + i, cu[i + 1] + i + 1)]
-            sub_draft_idx = torch.tensor(draft_idx, dtype=torch.int64, device=device)
-            sub, _ = rejection_sample(
-                rows[torch.tensor(row_idx, dtype=torch.int64, device=device)],
-                draft_ids[sub_draft_idx],
-                [num_draft[i] for i in reqs],
-                None if draft_probs is None else draft_probs[sub_draft_idx],
-                generator=gen,
-                validate=False,
-            )
-            width = min(sub.shape[1], max_spec_len + 1)
-            output[torch.tensor(reqs, device=device), :width] = sub[:, :width].to(torch.int32)
-        return output
+    vLLM's ``apply_sampling_constraints`` has already divided random rows by their temperature,
+    so the kernel must not divide again; greedy is vLLM's verifier rule, temperature exactly 0
+    (``GREEDY_TEMPERATURE``). ``temperature`` may be None only when ``all_greedy``.
+    """
+    if sampling_metadata.all_greedy:
+        return torch.zeros(batch, dtype=torch.float32, device=device)
+    if sampling_metadata.all_random:
+        return torch.ones(batch, dtype=torch.float32, device=device)
+    temperature = sampling_metadata.temperature
+    if temperature is None:
+        raise ValueError("sampling_metadata.temperature is None but the batch is not all greedy")
+    return (temperature != vllm_rs.GREEDY_TEMPERATURE).to(torch.float32)
 
-    @staticmethod
-    def _greedy_token_mask(sampling_metadata: Any, num_draft: list[int], device: torch.device) -> torch.Tensor | None:
-        """[num_tokens] bool: draft positions of greedy requests (None when there are none)."""
-        if sampling_metadata.all_random:
-            return None
-        counts = torch.tensor(num_draft, dtype=torch.int64, device=device)
-        total = int(sum(num_draft))
-        if sampling_metadata.all_greedy:
-            return torch.ones(total, dtype=torch.bool, device=device)
-        is_greedy = sampling_metadata.temperature == vllm_rs.GREEDY_TEMPERATURE
-        return is_greedy.repeat_interleave(counts, output_size=total)
 
-    @staticmethod
-    def _pad(out: torch.Tensor, batch: int, max_spec_len: int) -> torch.Tensor:
-        """The kernel's [B, max k + 1] as vLLM's int32 [B, max_spec_len + 1], padded with -1."""
-        out = out.to(torch.int32)
-        if out.shape == (batch, max_spec_len + 1):
-            return out
-        full = torch.full((batch, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=out.device)
-        width = min(out.shape[1], max_spec_len + 1)
-        full[:, :width] = out[:, :width]
-        return full
+def check_contract(
+    num_draft: list[int],
+    draft_ids: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_logits: torch.Tensor,
+    bonus_token_ids: torch.Tensor,
+) -> None:
+    """Shape checks of vLLM's RejectionSampler contract (host metadata only: no device sync).
+
+    vLLM asserts some of these and silently reads out of bounds on others; here each one is a
+    ValueError saying what did not match, so a bad layout can never turn into a wrong token.
+    """
+    batch, total = len(num_draft), sum(num_draft)
+    if draft_ids.ndim != 1 or draft_ids.shape[0] != total:
+        raise ValueError(
+            f"metadata.draft_token_ids has shape {tuple(draft_ids.shape)} but num_draft_tokens sums to {total}"
+        )
+    if target_logits.ndim != 2 or target_logits.shape[0] != total:
+        raise ValueError(
+            f"metadata.target_logits_indices selects {target_logits.shape[0]} logits rows for {total} draft "
+            "tokens: there must be one target row per draft token"
+        )
+    if bonus_token_ids.numel() != batch:
+        raise ValueError(
+            f"the bonus sampler returned {bonus_token_ids.numel()} tokens for {batch} requests: "
+            "metadata.bonus_logits_indices must select one row per request (or the sampler must "
+            "return one bonus token per request)"
+        )
+    if draft_probs is not None and tuple(draft_probs.shape) != (total, target_logits.shape[1]):
+        raise ValueError(
+            f"draft_probs has shape {tuple(draft_probs.shape)}, expected ({total}, {target_logits.shape[1]})"
+        )
