@@ -99,9 +99,11 @@ class BebopOptions(BaseModel):
     draft_vocab_size: int | None = Field(
         default=None,
         ge=1,
-        description="Draft only among the N most frequent tokens of the heads' training data "
-        "(draft_vocab.json in the heads folder, `bebop draft-vocab`): the draft lm_head shrinks by "
-        "V/N; sampling stays exact. Default: the full vocabulary.",
+        description="Draft only among the first N tokens of the heads' draft vocabulary "
+        "(draft_vocab.json in the heads folder, ranked by target probability mass by `bebop train`, "
+        "or by frequency by `bebop draft-vocab`): the draft lm_head shrinks by V/N; sampling stays "
+        "exact. Default: the size the heads were trained on (trained_size in draft_vocab.json), "
+        "else the full vocabulary.",
     )
 
     @model_validator(mode="after")

@@ -122,3 +122,16 @@ def write_probability_ranked_vocab(
     }
     path.write_text(json.dumps(payload) + "\n", encoding="utf-8")
     return path
+
+
+def trained_draft_vocab_size(heads_dir: str | Path) -> int | None:
+    """The draft vocabulary size the heads were trained on (``trained_size`` in their
+    ``draft_vocab.json``), or None: heads without one (or trained on the full vocabulary)."""
+    path = Path(heads_dir) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        size = json.loads(path.read_text(encoding="utf-8")).get("trained_size")
+    except (OSError, ValueError):
+        return None  # read_draft_vocab reports a broken file if the size is asked for
+    return int(size) if size else None

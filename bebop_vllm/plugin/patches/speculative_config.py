@@ -82,6 +82,12 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
     heads_dir = _resolve_heads_dir(opts, target_model_config)
     num_depths = validate_heads_dir(heads_dir, target_model_config.hf_config, str(target_model_config.model))
     k = opts.num_speculative_tokens or num_depths
+    if opts.draft_vocab_size is None:
+        # heads trained on a draft vocabulary are served on it by default: outside it their
+        # logits were never trained
+        from bebop_vllm.draft_vocab import trained_draft_vocab_size
+
+        opts = opts.model_copy(update={"draft_vocab_size": trained_draft_vocab_size(heads_dir)})
     if opts.draft_vocab_size is not None:
         _check_draft_vocab(opts.draft_vocab_size, heads_dir, target_model_config, engine_args)
     opts = opts.model_copy(update={"model": heads_dir, "num_speculative_tokens": k})
