@@ -96,8 +96,17 @@ def main(argv: list[str] | None = None) -> int:
             # the settings that trained the previously shipped heads (docs/training.md)
             "old trainer (2 seqs x 64 chains, fp32, V=49152)": (
                 Path(old_pkg),
-                [*common, "--steps", str(args.old_steps), "--seqs-per-step", "2", "--max-chains-per-seq", "64",
-                 "--dtype", "fp32"],
+                [
+                    *common,
+                    "--steps",
+                    str(args.old_steps),
+                    "--seqs-per-step",
+                    "2",
+                    "--max-chains-per-seq",
+                    "64",
+                    "--dtype",
+                    "fp32",
+                ],
             ),
             "new trainer (every chain, 4096/step, auto dtype, D=16384)": (
                 REPO,
