@@ -112,6 +112,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "instead of the identity start (default: identity start)",
     )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
+    p.add_argument(
+        "--no-target-pass",
+        action="store_true",
+        help="do not run the target over uncached train sequences: train on those already cached (a target "
+        "pass stopped early caches a prefix of the data)",
+    )
     p.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run (resume later)")
     return p
 
@@ -162,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         train_on_prompts=args.train_on_prompts,
         stop_after=args.stop_after,
         init_from=args.init_from,
+        target_pass=not args.no_target_pass,
     )
     meta = train(cfg)
     if meta is None:

@@ -106,14 +106,17 @@ class HiddenCache:
         """Compute what is not cached yet for the sequences in ``indices``: batches of
         similar-length sequences (right-padded, at most ``max_batch_tokens`` padded tokens),
         target in ``cache_dtype()`` unless ``dtype`` is given; progress bar; resumable."""
-        todo = sorted((i for i in set(indices) if i not in self.done), key=lambda i: self._len(i))
+        # length-sorted within windows of 256 sequences (little padding), windows in data order:
+        # a pass stopped early has cached a prefix of the data (generate-data interleaves domains
+        # and samples), not a length-biased subset
+        todo = sorted((i for i in set(indices) if i not in self.done), key=lambda i: (i // 256, self._len(i)))
         if not todo:
             return
         model = load_target_model(self.model_dir, dtype or cache_dtype())
         _, lm_head = target_embedding_and_lm_head(self.model_dir, torch.float32)
         batches, cur = [], []
         for i in todo:
-            if cur and (len(cur) + 1) * self._len(i) > max_batch_tokens:
+            if cur and ((len(cur) + 1) * self._len(i) > max_batch_tokens or i // 256 != cur[0] // 256):
                 batches.append(cur)
                 cur = []
             cur.append(i)

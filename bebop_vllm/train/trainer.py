@@ -81,6 +81,7 @@ class TrainConfig:
     time_budget_min: float | None = None  # end training (then final eval + save) after this many minutes
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
     init_from: Path | None = None  # heads folder to start from instead of the identity start
+    target_pass: bool = True  # False: train only on train sequences whose target pass is cached
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -158,7 +159,12 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     held_cache = HiddenCache(cfg.data_dir, "heldout", held_set, cfg.model_dir)
     held_cache.fill(held_idx, desc="target pass (held-out)", progress=cfg.progress)
     train_cache = HiddenCache(cfg.data_dir, "train", train_set, cfg.model_dir)
-    train_cache.fill(train_idx, desc="target pass (train)", progress=cfg.progress)
+    if cfg.target_pass:
+        train_cache.fill(train_idx, desc="target pass (train)", progress=cfg.progress)
+    else:  # e.g. a target pass stopped early: it cached a prefix of the data
+        train_idx = [i for i in train_idx if i in train_cache.done]
+        if not train_idx:
+            raise BebopError(f"no train sequence of {cfg.data_dir} has a cached target pass; drop --no-target-pass")
     eval_idx = [
         held_idx[int(k)] for k in np.linspace(0, len(held_idx) - 1, min(cfg.eval_sequences, len(held_idx))).round()
     ]
