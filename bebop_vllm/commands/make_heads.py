@@ -59,8 +59,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p = sub.add_parser(
         name,
         help="reproduce the shipped default heads end to end (data, target pass, KL, e2e-TV fine-tune)",
-        description=__doc__.split("\n\n")[0] + ". Every stage is resumable: rerun the same command after an "
-        "interruption. Data and caches go to --data (default $BEBOP_HOME/data/smollm2-135m-selfdistill); the "
+        description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
+        "pass, KL training from the identity start, an e2e-TV fine-tune. Every stage is resumable: rerun the "
+        "same command after an interruption. Data and caches go to --data (default $BEBOP_HOME/data/smollm2-135m-selfdistill); the "
         "KL heads to OUT-kl, the final heads to OUT.",
     )
     p.add_argument("--out", type=Path, required=True, help="final heads folder (the KL stage writes OUT-kl)")

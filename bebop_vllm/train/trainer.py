@@ -179,6 +179,11 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     # the draft vocabulary D: the tokens carrying the most target probability in the train data
     ranking = ranked_vocab(train_cache.mass)
     size = cfg.draft_vocab_size
+    if head.shape.is_qwen3_5 and size is not None:
+        # exported into the target's native MTP slots, these heads are served by vLLM's method
+        # "mtp", which drafts over the full vocabulary: train on it
+        tqdm.write(f"Qwen3.5 heads train on the full vocabulary (method 'mtp' has no draft vocabulary), not {size}")
+        size = None
     if size is not None and not 1 <= size <= head.shape.vocab_size:
         raise BebopError(f"--draft-vocab-size must be in 1..{head.shape.vocab_size}, got {size}")
     vocab_ids = None if size is None or size >= head.shape.vocab_size else torch.from_numpy(ranking[:size]).sort()[0]

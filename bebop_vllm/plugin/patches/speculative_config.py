@@ -22,12 +22,15 @@ function untouched (``translate`` returns before reading anything else).
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
 from bebop_vllm.plugin.patches.base import Patch
 
 UPSTREAM = "vllm/engine/arg_utils.py:2060 EngineArgs.create_speculative_config (vLLM 0.32.0)"
+
+logger = logging.getLogger("bebop_vllm.plugin")
 
 
 def _is_default_target(target_model_config: Any) -> bool:
@@ -87,7 +90,13 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
         # logits were never trained
         from bebop_vllm.draft_vocab import trained_draft_vocab_size
 
-        opts = opts.model_copy(update={"draft_vocab_size": trained_draft_vocab_size(heads_dir)})
+        size = trained_draft_vocab_size(heads_dir)
+        if size is not None and int(getattr(engine_args, "tensor_parallel_size", 1) or 1) > 1:
+            # a draft vocabulary needs tensor_parallel_size=1; not asked for, so not an error
+            logger.warning("bebop: the heads' draft vocabulary (%d tokens) is not used with tensor_parallel_size > 1; "
+                           "drafting over the full vocabulary", size)
+            size = None
+        opts = opts.model_copy(update={"draft_vocab_size": size})
     if opts.draft_vocab_size is not None:
         _check_draft_vocab(opts.draft_vocab_size, heads_dir, target_model_config, engine_args)
     opts = opts.model_copy(update={"model": heads_dir, "num_speculative_tokens": k})
