@@ -61,8 +61,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="reproduce the shipped default heads end to end (data, target pass, KL, e2e-TV fine-tune)",
         description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
         "pass, KL training from the identity start, an e2e-TV fine-tune. Every stage is resumable: rerun the "
-        "same command after an interruption. Data and caches go to --data (default $BEBOP_HOME/data/smollm2-135m-selfdistill); the "
-        "KL heads to OUT-kl, the final heads to OUT.",
+        "same command after an interruption. Data and caches go to --data (default "
+        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl, the final heads to OUT.",
     )
     p.add_argument("--out", type=Path, required=True, help="final heads folder (the KL stage writes OUT-kl)")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
