@@ -5,7 +5,7 @@ before this benchmark): per step 2 sequences x 64 randomly chosen chains, fp32, 
 49,152-token vocabulary, unrolling the head over the whole sequence for those 64 chains. Its
 package is taken from git (``git archive``) into a temporary folder and run in a subprocess.
 "New" is today's ``bebop train``: every completion chain of whole sequences, logits over the
-draft vocabulary, bf16 matmuls where the CPU has them. Ablations of the new trainer (full
+draft vocabulary (8,192 tokens by default), bf16 matmuls where the CPU has them. Ablations of the new trainer (full
 vocabulary / fp32) show where the gain comes from. Every arm runs in its own subprocess, one
 after the other, on the same data, target cache and threads, for a fixed number of steps; the
 rate is the trainer's own ``chain_positions_per_second`` (training loop only, the final
@@ -112,9 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                     "fp32",
                 ],
             ),
-            "new trainer (every chain, 4096/step, auto dtype, D=16384)": (
+            "new trainer (every chain, 4096/step, auto dtype, D=8192)": (
                 REPO,
                 [*common, *new_threads, "--steps", str(args.new_steps), "--chains-per-step", "4096"],
+            ),
+            "new trainer, D=16384": (
+                REPO,
+                [*common, *new_threads, "--steps", str(args.new_steps), "--chains-per-step", "4096",
+                 "--draft-vocab-size", "16384"],
             ),
             "new trainer, full vocabulary": (
                 REPO,

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per arm (default 60)")
     p.add_argument("--ft", type=int, default=15, help="e2e-TV fine-tune steps of kl-then-e2e-tv (default 15)")
     p.add_argument("--chains-per-step", type=int, default=4096, help="chain positions per step (default 4096)")
-    p.add_argument("--draft-vocab-size", type=int, default=16384, help="draft vocabulary (default 16384)")
+    p.add_argument("--draft-vocab-size", type=int, default=8192, help="draft vocabulary (default 8192)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
     p.add_argument("--work", type=Path, default=None, help="heads folders (default: $BEBOP_HOME/recipe_comparison)")

@@ -40,11 +40,11 @@ class Recipe:
         "--samples-per-prompt", "code=8", "--max-num-seqs", "256", "--chunk", "512",
     )  # fmt: skip
     kl: tuple[str, ...] = (
-        "--loss", "kl", "--steps", "300", "--chains-per-step", "4096", "--draft-vocab-size", "16384",
+        "--loss", "kl", "--steps", "300", "--chains-per-step", "4096", "--draft-vocab-size", "8192",
         "--lr", "2e-3", "--warmup-steps", "20", "--eval-every", "25", "--eval-sequences", "24",
     )  # fmt: skip
     e2e_tv: tuple[str, ...] = (
-        "--loss", "e2e-tv", "--steps", "60", "--chains-per-step", "4096", "--draft-vocab-size", "16384",
+        "--loss", "e2e-tv", "--steps", "60", "--chains-per-step", "4096", "--draft-vocab-size", "8192",
         "--lr", "5e-4", "--warmup-steps", "5", "--eval-every", "20", "--eval-sequences", "24",
     )  # fmt: skip
     env: dict[str, str] = field(

@@ -46,9 +46,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument(
         "--draft-vocab-size",
         type=int,
-        default=16384,
+        default=8192,
         help="train (and later serve, engine option draft_vocab_size) on the N tokens carrying the most target "
-        "probability in the train data; 0 = the full vocabulary (default: 16384)",
+        "probability in the train data; 0 = the full vocabulary (default: 8192, ~0.95 of the target's mass "
+        "on held-out SmolLM2 samples)",
     )
     p.add_argument(
         "--depth-decay", type=float, default=1.0, help="depth j weighs DECAY**(j-1) in the loss (default: 1.0)"

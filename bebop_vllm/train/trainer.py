@@ -58,7 +58,7 @@ class TrainConfig:
     num_depths: int = 3
     steps: int = 200
     chains_per_step: int = 4096  # chain positions per optimizer step (whole sequences)
-    draft_vocab_size: int | None = 16384  # train on the N tokens with most target mass (None: full V)
+    draft_vocab_size: int | None = 8192  # train on the N tokens with most target mass (None: full V)
     depth_decay: float = 1.0  # depth j weighs depth_decay ** (j - 1)
     max_train_sequences: int | None = None  # first N of the train split
     heldout_sequences: int | None = None  # first N of the held-out split (final eval)
