@@ -103,7 +103,7 @@ class BebopOptions(BaseModel):
         "(draft_vocab.json in the heads folder, ranked by target probability mass by `bebop train`, "
         "or by frequency by `bebop draft-vocab`): the draft lm_head shrinks by V/N; sampling stays "
         "exact. Default: the size the heads were trained on (trained_size in draft_vocab.json), "
-        "else the full vocabulary.",
+        "else the full vocabulary; N >= the vocabulary size means the full vocabulary.",
     )
 
     @model_validator(mode="after")

@@ -50,7 +50,9 @@ def _worker(heads: str, out_path: str) -> None:
 
     llm = LLM(model=str(_model_dir()), max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4, dtype=DTYPE,
               speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC,
-                                  "draft_length": "fixed"})
+                                  # the reference drafts over the full vocabulary (the draft-vocabulary
+                                  # path is checked by test_exactness's bebop_vocab engine)
+                                  "draft_length": "fixed", "draft_vocab_size": 1 << 30})
     llm.collective_rpc(_install_hook)
     records = []
     for prompt in PROMPTS:  # one request at a time: the first propose call is this request's

@@ -97,6 +97,8 @@ def translate(engine_args: Any, target_model_config: Any) -> None:
                            "drafting over the full vocabulary", size)
             size = None
         opts = opts.model_copy(update={"draft_vocab_size": size})
+    if opts.draft_vocab_size is not None and opts.draft_vocab_size >= int(target_model_config.hf_config.vocab_size):
+        opts = opts.model_copy(update={"draft_vocab_size": None})  # the whole vocabulary: no restriction
     if opts.draft_vocab_size is not None:
         _check_draft_vocab(opts.draft_vocab_size, heads_dir, target_model_config, engine_args)
     opts = opts.model_copy(update={"model": heads_dir, "num_speculative_tokens": k})
