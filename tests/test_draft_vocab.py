@@ -69,3 +69,18 @@ def test_cli_writes_the_vocabulary_and_reports_coverage(tmp_path: Path, capsys: 
     assert "draft_vocab_size=     6: 100.0% of train completion tokens, 100.0% of held-out" in out
     assert read_draft_vocab(heads, 2, 128) == [5, 7]
     assert main(["draft-vocab", "--heads", str(tmp_path / "nope"), "--data", str(tmp_path / "data")]) == 1
+
+
+def test_probability_ranked_vocabulary_records_its_trained_size(tmp_path: Path) -> None:
+    from bebop_vllm.draft_vocab import trained_draft_vocab_size, write_probability_ranked_vocab
+    from bebop_vllm.train.evaluate import ranked_vocab
+
+    mass = np.array([0.5, 3.0, 0.0, 2.0, 1.0])
+    ranking = ranked_vocab(mass)
+    assert ranking.tolist() == [1, 3, 4, 0, 2]  # most mass first, ties by id
+    assert trained_draft_vocab_size(tmp_path) is None  # no file: the full vocabulary
+    write_probability_ranked_vocab(tmp_path, ranking, mass, trained_size=3, source={"test": True})
+    assert trained_draft_vocab_size(tmp_path) == 3
+    assert read_draft_vocab(tmp_path, 3, 5) == [1, 3, 4]
+    write_probability_ranked_vocab(tmp_path, ranking, mass, trained_size=None, source={"test": True})
+    assert trained_draft_vocab_size(tmp_path) is None
