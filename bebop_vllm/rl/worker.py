@@ -63,6 +63,36 @@ class BebopRLWorkerExtension:
         if keep is not None:
             weights = ((n, t) for n, t in weights if n in keep)
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]
+        refresh_cpu_gemm_handles(self.model_runner.get_model())  # type: ignore[attr-defined]
         self.bebop_invalidate_draft_caches()
         seconds = time.perf_counter() - t0
         return {"heads_before": before, "heads_after": self.bebop_heads_fingerprint(), "seconds": seconds}
+
+
+def refresh_cpu_gemm_handles(model: Any) -> int:
+    """Rebuild the packed CPU GEMM handles of the vocabulary layers after an in-place reload.
+
+    vLLM 0.32 on CPU (``vllm/model_executor/layers/vocab_parallel_embedding.py:67``
+    ``UnquantizedEmbeddingMethod.process_weights_after_loading`` ->
+    ``layers/utils.py:470 dispatch_cpu_unquantized_gemm``) packs the embedding / lm_head weight
+    into a oneDNN handle at load time and computes the logits with that handle. The in-place
+    reload (``model_loader/reload``) writes the new weight into the Parameter but leaves that
+    handle alone, so the lm_head kept scoring with the old policy's weights: after an update
+    the engine sampled from neither policy. The handle is rebuilt here from the current weight
+    with vLLM's own dispatch (the same call as at load). No-op off CPU. Returns the layers redone.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    done = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "cpu_linear") and weight is not None \
+                and weight.ndim == 2 and weight.numel():
+            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+            done += 1
+    return done
