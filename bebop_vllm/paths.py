@@ -7,9 +7,9 @@ from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Heads shipped in the repository for the default model: CE-trained heads fine-tuned
+# Heads shipped in the repository for the default model: KL-trained heads fine-tuned
 # with the end-to-end TV loss (docs/training.md has the commands and the comparison).
-SHIPPED_HEADS_DIR = REPO_ROOT / "heads" / "smollm2-135m-ce-then-e2e-tv"
+SHIPPED_HEADS_DIR = REPO_ROOT / "heads" / "smollm2-135m-kl-then-e2e-tv"
 
 
 def bebop_home() -> Path:

@@ -78,6 +78,7 @@ def train(out: Path, loss: str, steps: int, args: argparse.Namespace, extra: lis
         "12",
         "--seed",
         "0",
+        "--no-target-pass",
         *extra,
     ]
     if args.data:
