@@ -40,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chains-per-step", type=int, default=4096, help="chain positions per step (default 4096)")
     p.add_argument("--draft-vocab-size", type=int, default=8192, help="draft vocabulary (default 8192)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument(
+        "--ft-lr",
+        type=float,
+        default=5e-4,
+        help="peak learning rate of the e2e-TV fine-tune (default 5e-4, as make-heads; at 2e-3 the "
+        "fine-tune collapsed the KL heads' alpha from ~0.2 to 0.02 in 8 steps)",
+    )
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
     p.add_argument("--work", type=Path, default=None, help="heads folders (default: $BEBOP_HOME/recipe_comparison)")
     p.add_argument("--arms", default="ce,kl,e2e-tv,kl-then-e2e-tv", help="arms to run (default: all four)")
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         if arm == "kl-then-e2e-tv":
             train(work / "kl-short", "kl", args.steps - args.ft, args, [])
-            train(work / arm, "e2e-tv", args.ft, args, ["--init-from", str(work / "kl-short")])
+            train(work / arm, "e2e-tv", args.ft, args, ["--init-from", str(work / "kl-short"), "--lr", str(args.ft_lr)])
         else:
             train(work / arm, arm, args.steps, args, [])
     train_seconds = time.time() - t0
@@ -170,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "chains_per_step": args.chains_per_step,
         "draft_vocab_size": args.draft_vocab_size,
         "lr": args.lr,
+        "ft_lr": args.ft_lr,
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads or os.cpu_count(),
         "results": {
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`{out['command']}` — {args.steps} steps x {args.chains_per_step} chain positions per arm "
         f"(kl-then-e2e-tv: {args.steps - args.ft} KL + {args.ft} e2e-TV), draft vocabulary "
-        f"{args.draft_vocab_size}, lr {args.lr}; training took {train_seconds:.0f} s in all. Held-out, "
+        f"{args.draft_vocab_size}, lr {args.lr} (fine-tune {args.ft_lr}); training took {train_seconds:.0f} s "
+        "in all. Held-out, "
         "teacher-forced, every completion chain, each sequence at its own temperature.",
         "",
         "| arm | T | alpha_1 | alpha_2 | alpha_3 | E[tokens/step] | sequences / chains |",
