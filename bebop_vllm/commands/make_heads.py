@@ -40,12 +40,12 @@ class Recipe:
         "--samples-per-prompt", "code=8", "--max-num-seqs", "256", "--chunk", "512",
     )  # fmt: skip
     kl: tuple[str, ...] = (
-        "--loss", "kl", "--steps", "300", "--chains-per-step", "4096", "--draft-vocab-size", "8192",
-        "--lr", "2e-3", "--warmup-steps", "20", "--eval-every", "25", "--eval-sequences", "24",
+        "--loss", "kl", "--steps", "640", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
+        "--lr", "2e-3", "--warmup-steps", "30", "--eval-every", "80", "--eval-sequences", "24",
     )  # fmt: skip
     e2e_tv: tuple[str, ...] = (
-        "--loss", "e2e-tv", "--steps", "60", "--chains-per-step", "4096", "--draft-vocab-size", "8192",
-        "--lr", "5e-4", "--warmup-steps", "5", "--eval-every", "20", "--eval-sequences", "24",
+        "--loss", "e2e-tv", "--steps", "170", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
+        "--lr", "5e-4", "--warmup-steps", "10", "--eval-every", "85", "--eval-sequences", "24", "--seed", "1",
     )  # fmt: skip
     env: dict[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "6", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
