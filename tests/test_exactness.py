@@ -161,9 +161,12 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     if engine == "bebop_vocab":
         spec.update(draft_vocab_size=len(json.loads((Path(heads) / "draft_vocab.json").read_text())["ids"]),
                     metrics="detailed")
+    # float32 on every engine: T = 0 comparisons need the argmax to be the same function of the
+    # context whatever the forward's shape (verify steps batch k + 1 tokens per request, and the
+    # auto policy varies k); in bf16 a near-tie flipped between a 1-token and a 4-token forward
     llm = LLM(
         model=str(_model_dir()), max_model_len=MAX_MODEL_LEN, enforce_eager=True, seed=0,
-        speculative_config=spec, max_num_seqs=256,
+        speculative_config=spec, max_num_seqs=256, dtype="float32",
     )
     result: dict = {"runner": llm.collective_rpc(_runner_info)[0], "seconds": {}}
     t0 = time.perf_counter()
