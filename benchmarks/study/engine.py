@@ -28,6 +28,9 @@ def speculative_config(head_dir: str, mode: str, num_depths: int) -> dict[str, A
         "num_speculative_tokens": num_depths,
         "draft_sampling": mode,
         "metrics": "summary",
+        # the study measures acceptance and cost at a given k: the cost-aware default ("auto")
+        # could decide not to draft at all on a busy machine and leave nothing to measure
+        "draft_length": "fixed",
     }
 
 
