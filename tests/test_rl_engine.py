@@ -106,7 +106,9 @@ def _main_policy(heads: str, other: str, vocab: int, out: str) -> None:
     from bebop_vllm.rl import PolicyWeightsError, RolloutEngine, RolloutEngineError
 
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    opts = {"draft_vocab_size": vocab} if vocab else None
+    # a fixed draft length: acceptance counts are compared across engines, and the cost-aware
+    # default ("auto") decides from per-engine timing calibrations
+    opts = {"draft_length": "fixed", **({"draft_vocab_size": vocab} if vocab else {})}
     eng = RolloutEngine(None, heads=heads, num_speculative_tokens=NUM_SPEC, speculative_options=opts, **ENGINE)
     res: dict = {"fp0": eng.heads_fingerprint()}
     outs, stats = eng.generate(PROMPTS, greedy)
@@ -168,8 +170,8 @@ def _reference(heads: str | None, other: str, vocab: int, out: str) -> None:
     if heads is None:
         eng = RolloutEngine(other, num_speculative_tokens=0, **ENGINE)
     else:
-        eng = RolloutEngine(other, heads=heads, num_speculative_tokens=NUM_SPEC,
-                            speculative_options={"draft_vocab_size": vocab} if vocab else None, **ENGINE)
+        opts = {"draft_length": "fixed", **({"draft_vocab_size": vocab} if vocab else {})}
+        eng = RolloutEngine(other, heads=heads, num_speculative_tokens=NUM_SPEC, speculative_options=opts, **ENGINE)
     outs = eng.generate(PROMPTS, greedy)[0]
     Path(out).write_text(json.dumps({"ids": _ids(outs), "acc": _accepted(outs)}))
     eng.close()
