@@ -29,6 +29,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=None, help="write token ids and fingerprints as JSON")
+    p.add_argument("--draft-length", default="auto", choices=["auto", "fixed", "entropy"],
+                   help="bebop draft_length (default auto). Seeded requests reproduce across engines only with a "
+                        "fixed draft length: auto decides from each engine's own timing calibration, and the number "
+                        "of drafts changes how many random numbers a step draws")
     args = p.parse_args()
 
     from vllm import SamplingParams
@@ -36,6 +40,7 @@ def main() -> None:
     from bebop_vllm.rl import RolloutEngine
 
     engine = RolloutEngine(args.model, heads=args.heads, num_speculative_tokens=3,
+                           speculative_options={"draft_length": args.draft_length},
                            max_model_len=512, enforce_eager=True, seed=0)
     heads_fp = engine.heads_fingerprint()
     params = SamplingParams(n=2, temperature=1.0, max_tokens=args.max_tokens, seed=args.seed)

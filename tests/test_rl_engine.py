@@ -292,7 +292,8 @@ def test_two_workers_same_update_sample_identically(setup):
     """Two rollout workers in separate processes (the example script), same policy update and seed."""
     outs = [setup["tmp"] / f"worker{i}.json" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, str(REPO / "examples" / "rl_rollout_worker.py"), "--heads",
-                               setup["heads"], "--policy", setup["other"], "--out", str(o)], env=_env(),
+                               setup["heads"], "--policy", setup["other"], "--out", str(o),
+                               "--draft-length", "fixed"], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for o in outs]
     for p in procs:
         stdout, stderr = p.communicate(timeout=900)
