@@ -9,7 +9,7 @@ from tqdm import tqdm
 from bebop_vllm.heads.metadata import HeldoutMetrics
 from bebop_vllm.heads.module import BebopMTPHead
 from bebop_vllm.kernels import expected_accepted_length
-from bebop_vllm.train.chains import sequence_chains
+from bebop_vllm.train.chains import ChainBatch, sequence_chains
 from bebop_vllm.train.dataset import SequenceSet
 from bebop_vllm.train.losses import acceptance_rates
 from bebop_vllm.train.target_cache import HiddenCache
@@ -29,27 +29,39 @@ def evaluate(
     length is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i (per chain, so
     correlations between depths count)."""
     head.eval()
-    alpha_sum = torch.zeros(num_depths, dtype=torch.float64)
-    alpha_cnt = torch.zeros(num_depths, dtype=torch.float64)
-    tau_sum, tau_cnt = 0.0, 0
+    tally = _Tally(num_depths)
     for i in tqdm(indices, desc="held-out eval", leave=False, disable=not progress, dynamic_ncols=True):
         tokens = torch.from_numpy(seqs.sequence(i).astype("int64"))
-        b = sequence_chains(head, tokens, cache.hidden(i), int(seqs.prompt_lens[i]), num_depths, temperature)
-        alpha = acceptance_rates(b.draft_logits.float(), b.target_probs).double()
-        alpha_sum += torch.where(b.mask, alpha, 0.0).sum(0)
-        alpha_cnt += b.mask.sum(0)
-        full = b.mask.all(1)
-        tau_sum += expected_accepted_length(alpha[full]).sum().item()
-        tau_cnt += int(full.sum())
+        tally.add(sequence_chains(head, tokens, cache.hidden(i), int(seqs.prompt_lens[i]), num_depths, temperature))
     head.train()
-    alphas = (alpha_sum / alpha_cnt.clamp_min(1)).tolist()
-    return HeldoutMetrics(
-        alphas=[round(a, 5) for a in alphas],
-        expected_accepted_length=round(tau_sum / max(tau_cnt, 1), 5),
-        num_chains=tau_cnt,
-        num_sequences=len(indices),
-        temperature=temperature,
-    )
+    return tally.metrics(len(indices), temperature)
+
+
+class _Tally:
+    """Per-depth acceptance and per-chain expected tokens per verify step, summed over batches."""
+
+    def __init__(self, num_depths: int) -> None:
+        self.alpha_sum = torch.zeros(num_depths, dtype=torch.float64)
+        self.alpha_cnt = torch.zeros(num_depths, dtype=torch.float64)
+        self.tau_sum, self.tau_cnt = 0.0, 0
+
+    def add(self, b: ChainBatch) -> None:
+        alpha = acceptance_rates(b.draft_logits.float(), b.target_probs).double()
+        self.alpha_sum += torch.where(b.mask, alpha, 0.0).sum(0)
+        self.alpha_cnt += b.mask.sum(0)
+        full = b.mask.all(1)
+        self.tau_sum += expected_accepted_length(alpha[full]).sum().item()
+        self.tau_cnt += int(full.sum())
+
+    def metrics(self, num_sequences: int, temperature: float) -> HeldoutMetrics:
+        alphas = (self.alpha_sum / self.alpha_cnt.clamp_min(1)).tolist()
+        return HeldoutMetrics(
+            alphas=[round(a, 5) for a in alphas],
+            expected_accepted_length=round(self.tau_sum / max(self.tau_cnt, 1), 5),
+            num_chains=self.tau_cnt,
+            num_sequences=num_sequences,
+            temperature=temperature,
+        )
 
 
 def ranked_vocab(mass: np.ndarray) -> np.ndarray:
@@ -75,9 +87,7 @@ def evaluate_vocab(
     from bebop_vllm.train.chains import vocab_chains
 
     head.eval()
-    alpha_sum = torch.zeros(num_depths, dtype=torch.float64)
-    alpha_cnt = torch.zeros(num_depths, dtype=torch.float64)
-    tau_sum, tau_cnt = 0.0, 0
+    tally = _Tally(num_depths)
     temps = set()
     for i in tqdm(indices, desc="held-out eval", leave=False, disable=not progress, dynamic_ncols=True):
         tokens = torch.from_numpy(seqs.sequence(i).astype("int64"))
@@ -85,29 +95,18 @@ def evaluate_vocab(
         if first >= len(tokens) - 1:
             continue
         temps.add(float(seqs.temperatures[i]))
-        b = vocab_chains(
-            head,
-            tokens,
-            cache.hidden(i),
-            cache.log_normaliser(i),
-            first,
-            num_depths,
-            float(seqs.temperatures[i]),
-            vocab_ids,
-            lm_head_rows,
+        tally.add(
+            vocab_chains(
+                head,
+                tokens,
+                cache.hidden(i),
+                cache.log_normaliser(i),
+                first,
+                num_depths,
+                float(seqs.temperatures[i]),
+                vocab_ids,
+                lm_head_rows,
+            )
         )
-        alpha = acceptance_rates(b.draft_logits.float(), b.target_probs).double()
-        alpha_sum += torch.where(b.mask, alpha, 0.0).sum(0)
-        alpha_cnt += b.mask.sum(0)
-        full = b.mask.all(1)
-        tau_sum += expected_accepted_length(alpha[full]).sum().item()
-        tau_cnt += int(full.sum())
     head.train()
-    alphas = (alpha_sum / alpha_cnt.clamp_min(1)).tolist()
-    return HeldoutMetrics(
-        alphas=[round(a, 5) for a in alphas],
-        expected_accepted_length=round(tau_sum / max(tau_cnt, 1), 5),
-        num_chains=tau_cnt,
-        num_sequences=len(indices),
-        temperature=temps.pop() if len(temps) == 1 else float("nan"),
-    )
+    return tally.metrics(len(indices), temps.pop() if len(temps) == 1 else float("nan"))
