@@ -30,3 +30,57 @@ def fast_engine_dtype() -> str:
     if torch.cuda.is_available() or cpu_has_bf16():
         return "bfloat16"
     return "float32"
+
+
+def _cpuinfo_field(cpuinfo: str, key: str) -> str:
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return ""
+
+
+def machine_info() -> dict[str, object]:
+    """What every benchmark result records about the machine: CPU model and the vector/matrix flags
+    that decide the CPU path's speed (avx*, amx*, fma), cores, load, versions and the GPU if any."""
+    import os
+    import platform
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        cpuinfo = ""
+    flags = _cpuinfo_field(cpuinfo, "flags").split()
+    info: dict[str, object] = {
+        "cpu_model": _cpuinfo_field(cpuinfo, "model name") or platform.processor(),
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+        "cpu_has_bf16": cpu_has_bf16(cpuinfo) if cpuinfo else False,
+        "cpu_count": os.cpu_count(),
+        "arch": platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["vllm"] = version("vllm")
+    except Exception:  # noqa: BLE001 - not installed / odd metadata: the record just lacks it
+        pass
+    return info
+
+
+def describe_machine(info: dict[str, object]) -> str:
+    """One line for a results table: CPU model, cores, bf16 or not, the flags."""
+    flags = " ".join(str(f) for f in info.get("cpu_flags", []))  # type: ignore[union-attr]
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
+    return (f"{info.get('cpu_model')}, {info.get('cpu_count')} cores, "
+            f"{'native bf16' if info.get('cpu_has_bf16') else 'no bf16 instructions'}{gpu}; CPU flags: {flags}")

@@ -26,7 +26,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,36 +36,6 @@ from bench_throughput import _render_prompts, _spec_config  # noqa: E402
 
 ENGINES = ("none", "bebop", "bebop-auto")
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
-INTERESTING_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8", "fma")
-
-
-def machine_info() -> dict[str, Any]:
-    """Machine, accelerator and the CPU flags that decide the CPU path's speed (bebop_vllm.hardware)."""
-    from bebop_vllm.hardware import cpu_has_bf16
-
-    info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                            "cpu_has_bf16": cpu_has_bf16(), "load_average_at_start": list(os.getloadavg())}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        cpuinfo = ""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            info.setdefault("cpu_model", value.strip())
-        elif key.strip() == "flags":
-            flags = set(value.split())
-            info.setdefault("cpu_flags", sorted(f for f in INTERESTING_FLAGS if f in flags))
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
 def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max_num_seqs: int, dtype: str,
             enforce_eager: bool, conn: Any) -> None:
     """Holds one engine; answers ("run", prompts, params) with per-run totals."""
@@ -109,12 +78,13 @@ def _summarise(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _markdown(res: dict[str, Any]) -> str:
+    from bebop_vllm.hardware import describe_machine
+
     cfg, m = res["config"], res["machine"]
     lines = ["# Rollout benchmark: plain decoding vs bebop fixed k vs bebop auto", "",
              f"Command: `{res['command']}`", "",
-             f"Machine: {m.get('cpu_model', m['machine'])}, {m['cpu_count']} CPU cores, flags "
-             f"{', '.join(m.get('cpu_flags', [])) or 'n/a'}" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-             + f"; load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. "
+             f"Machine: {describe_machine(m)}; load average at start "
+             f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. "
              f"Model: {cfg['model']} ({cfg['dtype']}). Heads: {cfg['heads']}. k = {cfg['k']}. "
              f"Wall time: {res['wall_s']:.0f} s." + ("" if res["complete"] else " **Partial run.**"), ""]
     if res["sweep"]:
@@ -176,6 +146,7 @@ def _plot(res: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bebop_vllm.hardware import machine_info
     from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -184,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", default=str(SHIPPED_HEADS_DIR), help="heads folder (default: the shipped heads)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens of both bebop engines (default 3)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="engine dtype (auto: the model's; on CPUs without bf16 instructions use float32)")
+                    help="engine dtype (auto: bfloat16 on CUDA or CPUs with bf16 instructions, else float32)")
     ap.add_argument("--max-model-len", type=int, default=1024, help="engine max_model_len (default 1024)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="engine max_num_seqs (default 256)")
     ap.add_argument("--cuda-graphs", action="store_true", help="do not pass enforce_eager (GPU runs)")
@@ -210,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.concurrency, args.temperatures, args.sweep_max_tokens = "1,4,16", "1.0", 16
         args.rollout_prompts, args.rollout_samples, args.rollout_max_tokens = 8, 2, 64
+    if args.dtype == "auto":
+        from bebop_vllm.hardware import fast_engine_dtype
+
+        args.dtype = fast_engine_dtype()  # recorded in the results' config
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

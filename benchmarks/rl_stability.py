@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -89,8 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="policy model folder (default: the fetched SmolLM2-135M)")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}, "
                    "or a rl_stability_quick subfolder with --quick)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="engine dtype; auto: bfloat16 on CUDA or CPUs with bf16 instructions, else float32 "
+                   "(emulated bf16 decodes several times slower)")
     p.add_argument("--quick", action="store_true", help="2 steps, arms bebop+plain, tiny batches (CI)")
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        from bebop_vllm.hardware import fast_engine_dtype
+
+        args.dtype = fast_engine_dtype()
     if args.quick:
         args.steps, args.prompts_per_step, args.group_size, args.max_new_tokens = 2, 2, 2, 16
         args.calib_temperatures, args.calib_prompts = "0.7,1.3", 2
@@ -110,7 +116,7 @@ def build_engines(args: argparse.Namespace, arms: list[str]) -> dict[str, Any]:
         t0 = time.perf_counter()
         engines[arm] = RolloutEngine(
             args.model, heads=spec["heads"], num_speculative_tokens=args.k if spec["heads"] else 0,
-            speculative_options=spec["options"] or None, dtype="bfloat16", max_model_len=512,
+            speculative_options=spec["options"] or None, dtype=args.dtype, max_model_len=512,
             enforce_eager=True, seed=args.seed, max_num_seqs=max(args.prompts_per_step * args.group_size, 8))
         print(f"[rl_stability] engine {arm}: {time.perf_counter() - t0:.0f} s to start", flush=True)
     return engines
@@ -214,10 +220,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write_md(result: dict[str, Any], path: Path) -> None:
+    from bebop_vllm.hardware import describe_machine
+
     v, summ = result["verdict"], result["summary"]
     lines = ["# RL stability of frozen heads (issue 13)\n", f"Command: `{result['meta']['command']}`  ",
              f"Started {result['meta']['started']}, {result['meta']['wall_seconds']:.0f} s wall, "
-             f"{result['meta']['machine']}\n", f"## Verdict: {v['verdict']}\n", v["why"] + "\n",
+             f"{describe_machine(result['meta']['machine'])}"
+             + ("" if result["meta"].get("complete", True) else " (PARTIAL: the run was stopped before its last step)")
+             + "\n", f"## Verdict: {v['verdict']}\n", v["why"] + "\n",
              "```", v["rule"], "```\n", "## Arms\n",
              "| arm | rollout s/step | sync s | RL step s | rollout speedup | RL step speedup "
              "| tokens/verify first -> last | drift steps |", "|---|---|---|---|---|---|---|---|"]
@@ -252,6 +262,31 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\n![plot]({result['figure']})\n")
     path.write_text("\n".join(lines))
+
+
+def write_results(args: argparse.Namespace, argv: list[str] | None, arms: list[str], fits: dict[str, Any],
+                  cross: Any, steps: list[dict[str, Any]], started: str, t_start: float,
+                  initial_sync: dict[str, float], complete: bool) -> dict[str, Any]:
+    """Writes OUT/rl_stability.{json,png,md}; called after every step (complete=False) so a run
+    stopped early still leaves every finished step on disk."""
+    from bebop_vllm.hardware import machine_info
+
+    result = {
+        "meta": {"command": "python benchmarks/rl_stability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "started": started, "wall_seconds": time.perf_counter() - t_start, "complete": complete,
+                 "machine": machine_info(), "initial_sync_seconds": initial_sync,
+                 "heads_fingerprints_unchanged": True},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "arms": arms, "fits": {a: f.to_dict() for a, f in fits.items()},
+        "greedy_crossover": None if cross is None else [c.__dict__ for c in cross],
+        "steps": steps, "summary": summarize(steps, arms),
+        "verdict": verdict(steps) if not args.quick else {**verdict([]), "why": "--quick: no verdict"},
+        "figure": "rl_stability.png",
+    }
+    (args.out / "rl_stability.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(result, args.out / "rl_stability.png")
+    write_md(result, args.out / "rl_stability.md")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             row["arms"][arm]["sync"] = {"validate": upd.validate_seconds, "stage": upd.stage_seconds,
                                         "load": upd.load_seconds}
         steps.append(row)
+        write_results(args, argv, arms, fits, None, steps, started, t_start, initial_sync, complete=False)
         d = row["arms"][driver]
         print(f"[rl_stability] step {step}: reward {row['train']['reward']:.2f} KL {row['train']['kl']:.4f} "
               f"H {row['train']['entropy']:.3f} | {driver}: rollout {d['rollout_seconds']:.1f} s, acc "
@@ -304,21 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.heads_fingerprint() != heads_fp[arm]:
             raise SystemExit(f"the heads of arm {arm} changed during RL: they must stay frozen")
     cross = monitors["bebop"].greedy_crossover() if "bebop" in monitors else None
-    result = {
-        "meta": {"command": "python benchmarks/rl_stability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                 "started": started, "wall_seconds": time.perf_counter() - t_start,
-                 "machine": f"{os.cpu_count()} CPUs, {platform.platform()}", "initial_sync_seconds": initial_sync,
-                 "heads_fingerprints_unchanged": True},
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "arms": arms, "fits": {a: f.to_dict() for a, f in fits.items()},
-        "greedy_crossover": None if cross is None else [c.__dict__ for c in cross],
-        "steps": steps, "summary": summarize(steps, arms),
-        "verdict": verdict(steps) if not args.quick else {**verdict([]), "why": "--quick: no verdict"},
-        "figure": "rl_stability.png",
-    }
-    (args.out / "rl_stability.json").write_text(json.dumps(result, indent=1, default=str))
-    plot(result, args.out / "rl_stability.png")
-    write_md(result, args.out / "rl_stability.md")
+    result = write_results(args, argv, arms, fits, cross, steps, started, t_start, initial_sync, complete=True)
     print(f"[rl_stability] verdict: {result['verdict']['verdict']} - {result['verdict']['why']}")
     print(f"[rl_stability] wrote {args.out / 'rl_stability.md'}")
     for e in engines.values():
