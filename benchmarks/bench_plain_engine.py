@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from bebop_vllm.hardware import describe_machine, machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "plain_engine"
@@ -48,6 +50,20 @@ def _other_plugins() -> str:
     return ",".join(ep.name for ep in entry_points(group="vllm.general_plugins") if ep.name != "bebop") or "none"
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """``plain_engine.md`` from the results dict."""
+    med = result["median"]
+    md = ["# Plain engine with bebop installed vs excluded", "",
+          f"`{result['command']}` — {describe_machine(result['machine'])}; batch {result['batch']}, "
+          f"{result['max_tokens']} tokens per request, T = 1, {result['repeats']} alternating fresh engines per arm, "
+          f"median; wall {result['wall_seconds']} s.", "",
+          "| arm | tokens/s (runs) | median |", "|---|---|---|"]
+    md += [f"| {k} | {', '.join(f'{x:.1f}' for x in v)} | {med[k]:.1f} |"
+           for k, v in result["tokens_per_second"].items()]
+    md += ["", f"Ratio with / without: **{result['ratio_with_to_without']:.3f}**"]
+    return "\n".join(md) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3, help="runs per arm, alternating (default 3)")
@@ -55,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results prefix (.json/.md)")
     args = p.parse_args(argv)
+    machine = machine_info()  # before the runs: its load average is the one they started under
     rates: dict[str, list[float]] = {"with bebop installed": [], "bebop excluded (VLLM_PLUGINS)": []}
     t0 = time.time()
     for r in range(args.repeats):
@@ -75,18 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     keys = list(rates)
     ratio = med[keys[0]] / med[keys[1]]
     cmd = "python benchmarks/bench_plain_engine.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": cmd, "machine": platform.platform(), "cores": os.cpu_count(), "batch": args.batch,
-              "max_tokens": args.max_tokens, "tokens_per_second": rates, "median": med,
+    result = {"command": cmd, "machine": machine, "batch": args.batch, "max_tokens": args.max_tokens,
+              "repeats": args.repeats, "tokens_per_second": rates, "median": med,
               "ratio_with_to_without": ratio, "wall_seconds": round(time.time() - t0, 1)}
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = ["# Plain engine with bebop installed vs excluded", "", f"`{cmd}` — {result['machine']}, "
-          f"{result['cores']} cores, batch {args.batch}, {args.max_tokens} tokens per request, T = 1, "
-          f"{args.repeats} alternating fresh engines per arm, median; wall {result['wall_seconds']} s.", "",
-          "| arm | tokens/s (runs) | median |", "|---|---|---|"]
-    md += [f"| {k} | {', '.join(f'{x:.1f}' for x in v)} | {med[k]:.1f} |" for k, v in rates.items()]
-    md += ["", f"Ratio with / without: **{ratio:.3f}**"]
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md = markdown(result)
+    args.out.with_suffix(".md").write_text(md)
+    print(md, end="")
     return 0
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from bebop_vllm.hardware import describe_machine, machine_info
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -208,7 +210,6 @@ def environment(device: torch.device) -> dict:
         "vllm": vllm.__version__,
         "python": platform.python_version(),
         "cpu_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -231,6 +232,7 @@ def to_markdown(report: dict) -> str:
         "",
         "Environment: " + ", ".join(f"{key}={value}" for key, value in report["environment"].items()),
         "",
+        *([f"Machine: {describe_machine(report['machine'])}.", ""] if report.get("machine") else []),
         f"Headline: speedup (vLLM median / ours median, same run) min {min(speedups):.2f}x, "
         f"median {statistics.median(speedups):.2f}x, max {max(speedups):.2f}x over {len(rows)} "
         f"shapes; {len(slower)} shape(s) where ours is slower.",
@@ -259,12 +261,14 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    machine = machine_info()  # before the timings: its load average is the one they started under
     started = time.time()
     report = run(args)
     report["command"] = "python benchmarks/bench_rejection.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     report["environment"] = environment(device)
+    report["machine"] = machine
     report["wall_seconds"] = round(time.time() - started, 1)
     stem = args.out_name or f"rejection_{device.type}"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -37,13 +37,14 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bebop_vllm.hardware import describe_machine, machine_info
 
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
 # bebop, bebop-k2, bebop-sync, bebop-k2-sync, bebop-entropy, bebop-v4096, bebop-k1-v4096-sync, ...
@@ -122,6 +123,15 @@ def _render_prompts(model: str, domains: list[str], per_domain: int, max_prompt_
     return out
 
 
+def _describe(machine: dict[str, Any] | str) -> str:
+    """``describe_machine`` plus the load at start; results written before machine_info() hold a string."""
+    if isinstance(machine, str):
+        return machine
+    load = machine.get("load_average_at_start")
+    return describe_machine(machine) + (f"; load average at start {', '.join(f'{x:.1f}' for x in load)}"
+                                        if load else "")
+
+
 def _markdown(res: dict[str, Any]) -> str:
     cfg = res["config"]
     engines = cfg["engines"]
@@ -131,7 +141,7 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Command: `{res['command']}`",
         "",
-        f"Machine: {res['machine']} (1/5/15-min load average when written: "
+        f"Machine: {_describe(res['machine'])} (1/5/15-min load average when written: "
         f"{', '.join(f'{x:.1f}' for x in res['load_average_at_write'])}). "
         f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
         f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
@@ -205,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = (float(x) for x in args.acceptance_fit.split(","))
         policy = {"acceptance_fit": [a, b], "draft_token_cost": args.draft_token_cost}
     args.entropy_policy = policy
+    args.machine = machine_info()  # CPU model and flags, cores, versions; its load average is the run's start
     needs_policy = [e for e in engines if (m := BEBOP_ENGINE.fullmatch(e)) and m["entropy"]]
     if needs_policy and policy is None:
         ap.error(f"engine(s) {needs_policy} need --acceptance-fit A,B")
@@ -298,7 +309,7 @@ def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engin
                 }
     res = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "machine": args.machine,  # machine_info() before the engines started
         # Other processes on the machine make tokens/s noisy: record the load it ran under.
         "load_average_at_write": list(os.getloadavg()),
         "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "k": args.k,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -29,6 +28,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from bebop_vllm.hardware import describe_machine, machine_info
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -46,27 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4")))
-    except OSError:
-        pass
-    return []
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def run_arm(name: str, pythonpath: Path, args: list[str], threads: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "heads"
@@ -82,8 +63,30 @@ def run_arm(name: str, pythonpath: Path, args: list[str], threads: int) -> float
         return rate
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """``trainer.md`` from the results dict (also renders results written before ``machine`` was recorded)."""
+    machine = result.get("machine")
+    where = (describe_machine(machine) if machine
+             else f"{result.get('cpu', '?')}, flags: {' '.join(result.get('cpu_flags', []))}")
+    repeats = result.get("repeats", len(next(iter(result["chain_positions_per_second"].values()), [])))
+    lines = [
+        "# Trainer throughput: old vs new (chain positions per second)",
+        "",
+        f"`{result['command']}` — {where}; {result['threads']} threads; "
+        f"{repeats} alternating runs per arm, median; loss kl; wall {result['wall_seconds']} s.",
+        "",
+        "| trainer | chain positions/s (runs) | median | vs old |",
+        "|---|---|---|---|",
+    ]
+    for k, v in result["chain_positions_per_second"].items():
+        lines.append(f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {result['median'][k]:.0f} | "
+                     f"{result['speedup_vs_old'][k]:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = machine_info()  # before the runs: its load average is the one they started under
     data = ["--data", str(args.data)] if args.data else []
     # the first 128 train sequences (cached by any target pass: it caches a prefix of the data, so
     # neither trainer runs the target here; the old one would also rewrite the cache's state)
@@ -143,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_trainer.py", *(argv or sys.argv[1:])]),
         "old_commit": OLD_COMMIT,
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "machine": machine,
         "threads": args.threads,
+        "repeats": args.repeats,
         "wall_seconds": round(time.time() - t0, 1),
         "chain_positions_per_second": rates,
         "median": medians,
@@ -153,21 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [
-        "# Trainer throughput: old vs new (chain positions per second)",
-        "",
-        f"`{result['command']}` — {result['cpu']}, {args.threads} threads, flags: {' '.join(result['cpu_flags'])}; "
-        f"{args.repeats} alternating runs per arm, median; loss kl; wall {result['wall_seconds']} s.",
-        "",
-        "| trainer | chain positions/s (runs) | median | vs old |",
-        "|---|---|---|---|",
-    ]
-    for k, v in rates.items():
-        lines.append(
-            f"| {k} | {', '.join(f'{x:.0f}' for x in v)} | {medians[k]:.0f} | {result['speedup_vs_old'][k]:.2f}x |"
-        )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = markdown(result)
+    args.out.with_suffix(".md").write_text(md)
+    print(md, end="")
     return 0
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from bebop_vllm.hardware import machine_info
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import vllm
 
+    machine = machine_info()  # before the timings: its load average is the one they started under
     started = time.time()
     report = run(args)
     report.update(
@@ -115,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         repeats=args.repeats,
         environment={
             "torch": torch.__version__, "vllm": vllm.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+            "torch_threads": torch.get_num_threads(),
         },
+        machine=machine,
         wall_seconds=round(time.time() - started, 1),
     )
     print(json.dumps(report, indent=2))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bebop_vllm.hardware import describe_machine, machine_info
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "heads_comparison"
 
@@ -140,12 +142,44 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     }
 
 
+def markdown(out: dict) -> str:
+    """The results' markdown from the results dict (also renders results written before ``machine``)."""
+    machine = f" Machine: {describe_machine(out['machine'])}." if out.get("machine") else ""
+    lines = [
+        "# Loss recipes: same identity start, data, draft vocabulary and budget",
+        "",
+        f"`{out['command']}` — {out['steps']} steps x {out['chains_per_step']} chain positions per arm "
+        f"(kl-then-e2e-tv: {out['steps'] - out['ft']} KL + {out['ft']} e2e-TV), draft vocabulary "
+        f"{out['draft_vocab_size']}, lr {out['lr']} (fine-tune {out['ft_lr']}); training took "
+        f"{out['train_seconds']:.0f} s in all ({out['threads']} threads). Held-out, "
+        "teacher-forced, every completion chain, each sequence at its own temperature." + machine,
+        "",
+        "| arm | T | alpha_1 | alpha_2 | alpha_3 | E[tokens/step] | sequences / chains |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a, rs in out["results"].items():
+        for t, r in rs.items():
+            al = " | ".join(f"{x:.3f}" for x in r["alphas"])
+            lines.append(
+                f"| {a} | {t} | {al} | {r['expected_tokens_per_step']:.3f} | {r['sequences']} / {r['chains']} |"
+            )
+    lines += [
+        "",
+        "Verdict rule (fixed before the run): e2e-TV wins when its paired per-sequence E[tokens/step] "
+        "difference exceeds 2 standard errors.",
+        "",
+    ]
+    lines += [f"- {k}: {v['mean_diff']:+.3f} ± {v['se']:.3f} → **{v['verdict']}**" for k, v in out["verdicts"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bebop_vllm.paths import bebop_home
 
     work = args.work or bebop_home() / "recipe_comparison"
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    machine = machine_info()  # before training: its load average is the one the runs started under
     t0 = time.time()
     for arm in arms:
         if arm == "kl-then-e2e-tv":
@@ -180,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "ft_lr": args.ft_lr,
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads or os.cpu_count(),
+        "machine": machine,
         "results": {
             a: {t: {k: v for k, v in r.items() if k != "per_sequence"} for t, r in rs.items()}
             for a, rs in results.items()
@@ -188,33 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    lines = [
-        "# Loss recipes: same identity start, data, draft vocabulary and budget",
-        "",
-        f"`{out['command']}` — {args.steps} steps x {args.chains_per_step} chain positions per arm "
-        f"(kl-then-e2e-tv: {args.steps - args.ft} KL + {args.ft} e2e-TV), draft vocabulary "
-        f"{args.draft_vocab_size}, lr {args.lr} (fine-tune {args.ft_lr}); training took {train_seconds:.0f} s "
-        "in all. Held-out, "
-        "teacher-forced, every completion chain, each sequence at its own temperature.",
-        "",
-        "| arm | T | alpha_1 | alpha_2 | alpha_3 | E[tokens/step] | sequences / chains |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for a, rs in out["results"].items():
-        for t, r in rs.items():
-            al = " | ".join(f"{x:.3f}" for x in r["alphas"])
-            lines.append(
-                f"| {a} | {t} | {al} | {r['expected_tokens_per_step']:.3f} | {r['sequences']} / {r['chains']} |"
-            )
-    lines += [
-        "",
-        "Verdict rule (fixed before the run): e2e-TV wins when its paired per-sequence E[tokens/step] "
-        "difference exceeds 2 standard errors.",
-        "",
-    ]
-    lines += [f"- {k}: {v['mean_diff']:+.3f} ± {v['se']:.3f} → **{v['verdict']}**" for k, v in verdicts.items()]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = markdown(out)
+    args.out.with_suffix(".md").write_text(md)
+    print(md, end="")
     return 0
 
 

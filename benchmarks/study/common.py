@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bebop_vllm import hardware
 from bebop_vllm.paths import REPO_ROOT
 
 LOSS_ORDER = ("e2e-tv", "ce", "kl", "tv", "hybrid")
@@ -132,13 +131,12 @@ def head_metadata(head_dir: str | Path) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (None, None, None)
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "loadavg_1_5_15": [round(x, 2) for x in load] if load[0] is not None else None,
-    }
+    """``bebop_vllm.hardware.machine_info()`` (CPU model and flags, cores, load, versions, GPU), plus the
+    keys study.json carried before it (``cpus``, ``loadavg_1_5_15``)."""
+    info: dict[str, Any] = hardware.machine_info()
+    info["cpus"] = info["cpu_count"]
+    info["loadavg_1_5_15"] = info["load_average_at_start"]
+    return info
 
 
 def prompt_half(domain: str, prompt_id: str) -> int:
