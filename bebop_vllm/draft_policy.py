@@ -24,6 +24,13 @@ heads' held-out acceptance), with ``prior_weight`` pseudo-observations; the requ
 steps add successes (accepted drafts) and failures (the first rejected draft), discounted by
 ``decay`` per step so the estimate follows the request's recent behaviour.
 
+The step-cost model is calibrated on bare forward passes; a real step also pays the scheduler, the
+sampler and verifier, the proposer's bookkeeping and attention over long contexts, and these do
+not scale the same way for drafting and plain steps. :class:`StepTimeCorrection` measures each
+step's wall time against the model's prediction and keeps the observed/predicted ratio per batch
+size (powers of two) for drafting and for plain steps; the planner multiplies the model by these
+ratios, so a batch where drafting costs more than calibrated stops drafting after a few steps.
+
 Exactness is untouched: rejection sampling is exact for any number of drafts per request, so the
 policy changes speed only, never the output distribution.
 """
@@ -32,11 +39,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from bebop_vllm.draft_length import MAX_ALPHA, expected_tokens, predicted_alpha
 
-__all__ = ["AcceptanceEstimate", "DraftPlan", "batch_expected_tokens", "expected_tokens", "plan_draft_lengths"]
+__all__ = ["AcceptanceEstimate", "DraftPlan", "StepTimeCorrection", "batch_expected_tokens", "expected_tokens",
+           "plan_draft_lengths"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +160,48 @@ class AcceptanceEstimate:
             prior = predicted_alpha(self.entropy, fit)
         mean = (self.successes + self.prior_weight * prior) / (self.successes + self.failures + self.prior_weight)
         return min(max(mean, 0.0), MAX_ALPHA)
+
+
+@dataclass
+class StepTimeCorrection:
+    """Observed / predicted step seconds, an exponential average per (batch bucket, drafting).
+
+    Buckets are powers of two of the batch size (1, 2-3, 4-7, ...). :meth:`factor` uses a
+    bucket once it has ``min_steps`` observations, else the nearest bucket of the same kind
+    that has, else 1 (trust the calibrated model). Ratios are clipped to [1/``max_ratio``,
+    ``max_ratio``] so one stalled step (a page fault, another process) cannot switch drafting off.
+    """
+
+    weight: float = 0.2  # weight of the newest step in the average
+    min_steps: int = 3
+    max_ratio: float = 4.0
+    ratios: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return max(int(batch), 1).bit_length()
+
+    def observe(self, batch: int, drafting: bool, predicted_s: float, observed_s: float) -> None:
+        if predicted_s <= 0 or observed_s <= 0 or batch <= 0:
+            return
+        r = min(max(observed_s / predicted_s, 1.0 / self.max_ratio), self.max_ratio)
+        key = (self.bucket(batch), bool(drafting))
+        old, n = self.ratios.get(key, (r, 0))
+        w = max(self.weight, 1.0 / (n + 1))  # plain mean for the first steps, then exponential
+        self.ratios[key] = ((1.0 - w) * old + w * r, n + 1)
+
+    def factor(self, batch: int, drafting: bool) -> float:
+        b = self.bucket(batch)
+        ready = {k[0]: v[0] for k, v in self.ratios.items() if k[1] == bool(drafting) and v[1] >= self.min_steps}
+        if not ready:
+            return 1.0
+        return ready[min(ready, key=lambda x: (abs(x - b), x))]
+
+    def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int) -> Callable[[Any, int], Any]:
+        """``step_seconds`` times the plain-step factor (depths = 0) or the drafting factor."""
+        plain, drafting = self.factor(batch, False), self.factor(batch, True)
+        return lambda num_tokens, depths: step_seconds(num_tokens, depths) * (drafting if depths > 0 else plain)
+
+    def summary(self) -> str:
+        return " ".join(f"{'draft' if d else 'plain'}@{1 << (b - 1)}+:{r:.2f}(n={n})"
+                        for (b, d), (r, n) in sorted(self.ratios.items())) or "none yet"

@@ -367,3 +367,62 @@ def test_vectorised_costs_match_scalar_ones():
     model = default_model(on_gpu=False)
     assert np.allclose(model.step_seconds(np.array([1, 7, 300]), 2, 8),
                        [model.step_seconds(n, 2, 8) for n in (1, 7, 300)])
+
+
+# ------------------------------------------------------------------ step-time correction
+
+
+def test_step_time_correction_averages_per_bucket_and_kind():
+    from bebop_vllm.draft_policy import StepTimeCorrection
+
+    c = StepTimeCorrection(min_steps=3)
+    for _ in range(2):
+        c.observe(16, True, predicted_s=0.1, observed_s=0.2)
+    assert c.factor(16, True) == 1.0  # fewer than min_steps: trust the model
+    c.observe(16, True, 0.1, 0.2)
+    assert c.factor(16, True) == pytest.approx(2.0)
+    assert c.factor(16, False) == 1.0  # plain steps are their own kind
+    assert c.factor(31, True) == pytest.approx(2.0)  # same bucket (16-31)
+    assert c.factor(2, True) == pytest.approx(2.0)  # nearest bucket with data
+    for _ in range(3):
+        c.observe(2, True, 0.1, 0.1)
+    assert c.factor(2, True) == pytest.approx(1.0) and c.factor(16, True) == pytest.approx(2.0)
+    c.observe(16, False, 0.1, 100.0)  # one stalled step is clipped
+    assert c.ratios[(c.bucket(16), False)][0] <= c.max_ratio
+    c.observe(16, False, 0.0, 1.0)  # nonsense input is ignored
+    assert c.ratios[(c.bucket(16), False)][1] == 1
+    step = c.corrected(lambda n, k: 1.0, 16)
+    assert step(20, 0) == pytest.approx(1.0) and step(20, 2) == pytest.approx(2.0)
+
+
+def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated():
+    """The calibrated model says drafting pays at batch 16; measured drafting steps take 2x the
+    prediction, plain steps as predicted: after a few such steps the plan is a plain step."""
+    base, _, _, _ = _hooks()
+    model = StepCostModel(target=[(1, 0.05), (16, 0.06), (64, 0.09)], draft_pass=[(1, 0.001), (64, 0.004)],
+                          draft_head=[(1, 0.001), (64, 0.004)], draft_forward=[(1, 0.001), (64, 0.004)])
+    sched = FakeScheduler(_opts(), 3, model, 16)
+    planner = sched._bebop_draft_planner
+    out = sched.output()
+    base(sched, out)
+    assert out.num_spec_tokens_to_schedule > 0  # drafting predicted to pay
+
+    def run_step(out, slowdown):
+        spec = {r: [7] * planner.lengths.get(r, 0) for r in out.num_scheduled_tokens if planner.lengths.get(r, 0)}
+        out.scheduled_spec_decode_tokens = spec
+        out.total_num_scheduled_tokens = len(out.num_scheduled_tokens) + sum(map(len, spec.values()))
+        predicted = model.step_seconds(out.total_num_scheduled_tokens, out.num_spec_tokens_to_schedule, 16)
+        planner.observe_step_time(out, out._bebop_scheduled_at + predicted * slowdown)
+        planner._last_update_end = 0.0
+
+    for _ in range(4):
+        run_step(out, 2.0 if out.num_spec_tokens_to_schedule else 1.0)
+        out = sched.output()
+        base(sched, out)
+    assert out.num_spec_tokens_to_schedule == 0
+    assert planner.correction.factor(16, True) == pytest.approx(2.0)
+    # a prefill in the step: not observed
+    before = dict(planner.correction.ratios)
+    out.scheduled_spec_decode_tokens, out.total_num_scheduled_tokens = {}, 16 + 100
+    planner.observe_step_time(out, out._bebop_scheduled_at + 5.0)
+    assert planner.correction.ratios == before

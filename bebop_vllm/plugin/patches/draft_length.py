@@ -17,7 +17,10 @@ replace its batch-size lookup by our plan, per step:
 3. ``Scheduler.update_draft_token_ids`` (scheduler.py:2550, synchronous scheduling): each
    request's K drafts are cut to its k_i before they are scheduled.
 4. ``Scheduler.update_from_output`` (scheduler.py:2026): each request's accepted/drafted counts
-   and its step entropy (attached by the runner, :mod:`.metrics`) update its acceptance estimate.
+   and its step entropy (attached by the runner, :mod:`.metrics`) update its acceptance estimate;
+   the step's wall time (from the end of its scheduling, or of the previous step's update if that
+   came later, to the arrival of its output) against the cost model's prediction updates the
+   :class:`~bebop_vllm.draft_policy.StepTimeCorrection` (decode-only steps).
 5. ``Worker.compile_or_warm_up_model`` (gpu_worker.py:908) and ``CPUWorker.compile_or_warm_up_model``
    (cpu_worker.py:264): after warm-up, the step-cost model is loaded or calibrated
    (:func:`bebop_vllm.step_cost.resolve`) for the scheduler of the same process.
@@ -44,6 +47,8 @@ logger = logging.getLogger("vllm.bebop.draft_length")
 PLANNER_ATTR = "_bebop_draft_planner"
 # ModelRunnerOutput attribute (set by the runner, :mod:`.metrics`): {req_id: mean entropy, nats}.
 POLICY_ENTROPY_ATTR = "bebop_policy_entropy"
+# SchedulerOutput attribute: time.perf_counter() when the step's planning ended.
+SCHEDULED_AT_ATTR = "_bebop_scheduled_at"
 DEFAULT_PRIOR_ALPHA = 0.5
 LOG_EVERY_S = 60.0
 # vLLM's dynamic-SD schedule that marks an engine as "variable K" (range end capped at max_num_seqs).
@@ -64,7 +69,7 @@ class DraftPlanner:
     """Per-scheduler state of the draft-length policy (see module doc)."""
 
     def __init__(self, opts: Any, vllm_config: Any, max_k: int) -> None:
-        from bebop_vllm.draft_policy import AcceptanceEstimate  # noqa: F401  (fail early if missing)
+        from bebop_vllm.draft_policy import StepTimeCorrection
 
         self.mode = opts.draft_length
         self.fit = None if opts.acceptance_fit is None else tuple(opts.acceptance_fit)
@@ -76,6 +81,8 @@ class DraftPlanner:
         self._cost: Any = None
         self.estimates: dict[str, Any] = {}
         self.lengths: dict[str, int] = {}
+        self.correction = StepTimeCorrection()
+        self._last_update_end = 0.0
         self._stats = {"steps": 0, "draft_steps": 0, "depths": 0, "drafts": 0, "requests": 0}
         self._last_log = time.monotonic()
 
@@ -118,7 +125,8 @@ class DraftPlanner:
             from bebop_vllm.draft_policy import plan_draft_lengths
 
             alphas = [self.estimate(r).alpha(self.fit) for r in req_ids]
-            lengths = list(plan_draft_lengths(alphas, self.max_k, self.cost.for_batch(len(req_ids)),
+            step_seconds = self.correction.corrected(self.cost.for_batch(len(req_ids)), len(req_ids))
+            lengths = list(plan_draft_lengths(alphas, self.max_k, step_seconds,
                                               base_tokens=base, min_gain=self.min_gain,
                                               eligible=eligible).lengths)
         self.lengths = dict(zip(req_ids, lengths, strict=True))
@@ -142,6 +150,22 @@ class DraftPlanner:
             if req_id in self.estimates or req_id in index:
                 self.estimate(req_id).entropy = float(h)
 
+    def observe_step_time(self, scheduler_output: Any, arrived_at: float) -> None:
+        """Wall time of a decode-only step vs the cost model (see module doc, hook 4)."""
+        scheduled_at = getattr(scheduler_output, SCHEDULED_AT_ATTR, None)
+        if scheduled_at is None or self._cost is None:
+            return
+        started = max(scheduled_at, self._last_update_end)
+        batch = len(scheduler_output.num_scheduled_tokens)
+        spec = scheduler_output.scheduled_spec_decode_tokens or {}
+        drafts = sum(len(d) for d in spec.values())
+        tokens = int(scheduler_output.total_num_scheduled_tokens)
+        if batch == 0 or tokens != batch + drafts:  # a prefill in the step: not what the model predicts
+            return
+        depths = int(scheduler_output.num_spec_tokens_to_schedule or 0)
+        predicted = float(self.cost.step_seconds(tokens, depths, batch))
+        self.correction.observe(batch, drafts > 0 or depths > 0, predicted, arrived_at - started)
+
     def forget_finished(self, live: Any) -> None:
         for req_id in [r for r in self.estimates if r not in live]:
             del self.estimates[req_id]
@@ -157,8 +181,9 @@ class DraftPlanner:
         if now - self._last_log >= LOG_EVERY_S:
             self._last_log = now
             logger.info("bebop draft_length=%s: %d steps, %.0f%% drafted, mean depths %.2f, mean drafts per "
-                        "request %.2f (last %.0f s)", self.mode, s["steps"], 100.0 * s["draft_steps"] / s["steps"],
-                        s["depths"] / s["steps"], s["drafts"] / max(s["requests"], 1), LOG_EVERY_S)
+                        "request %.2f (last %.0f s); step time observed/predicted: %s", self.mode, s["steps"],
+                        100.0 * s["draft_steps"] / s["steps"], s["depths"] / s["steps"],
+                        s["drafts"] / max(s["requests"], 1), LOG_EVERY_S, self.correction.summary())
             self._stats = dict.fromkeys(s, 0)
 
 
@@ -185,6 +210,7 @@ def _wrap_update_after_schedule(original: Any) -> Any:
         if planner is not None:
             scheduler_output.num_spec_tokens_to_schedule = min(planner.plan(self, scheduler_output),
                                                                planner.max_k)
+            setattr(scheduler_output, SCHEDULED_AT_ATTR, time.perf_counter())
 
     return _update_after_schedule
 
@@ -229,10 +255,13 @@ def _wrap_update_from_output(original: Any) -> Any:
     def update_from_output(self: Any, scheduler_output: Any, model_runner_output: Any) -> Any:
         planner = planner_of(self)
         if planner is not None:
+            if planner.mode == "auto":
+                planner.observe_step_time(scheduler_output, time.perf_counter())
             planner.observe(scheduler_output, model_runner_output)
         result = original(self, scheduler_output, model_runner_output)
         if planner is not None:
             planner.forget_finished(self.requests)
+            planner._last_update_end = time.perf_counter()
         return result
 
     return update_from_output
