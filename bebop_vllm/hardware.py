@@ -80,7 +80,10 @@ def machine_info() -> dict[str, object]:
 
 
 def describe_machine(info: dict[str, object]) -> str:
-    """One line for a results table: CPU model, cores, bf16 or not, the flags."""
+    """One line for a results table: CPU model, cores, bf16 or not, the flags (older results
+    recorded the machine as a plain string: returned as it is)."""
+    if not isinstance(info, dict):
+        return str(info)
     flags = " ".join(str(f) for f in info.get("cpu_flags", []))  # type: ignore[union-attr]
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
     return (f"{info.get('cpu_model')}, {info.get('cpu_count')} cores, "

@@ -63,10 +63,15 @@ Fixed before the run (issue 13). Arm under test: "bebop" (frozen default heads +
 3. Reported, not part of the verdict: the same numbers for the CE heads and greedy drafting, tokens per
    verify step at the first vs last step, and the RL step time of each arm vs plain decoding."""
 
+# The acceptance arms draft a fixed k: they measure acceptance per position at k drafts, which the
+# default draft_length="auto" would vary per step (and, with a full batch on a CPU, switch off).
+# "auto" is the product's default config, measured for rollout and RL step time only.
+FIXED = {"draft_length": "fixed"}
 ARMS: dict[str, dict[str, Any]] = {
-    "bebop": {"heads": str(SHIPPED_HEADS_DIR), "options": {}},
-    "ce": {"heads": str(REPO_ROOT / "heads" / "smollm2-135m-ce"), "options": {}},
-    "greedy": {"heads": str(SHIPPED_HEADS_DIR), "options": {"draft_sampling": "greedy"}},
+    "bebop": {"heads": str(SHIPPED_HEADS_DIR), "options": FIXED},
+    "ce": {"heads": str(REPO_ROOT / "heads" / "smollm2-135m-ce"), "options": FIXED},
+    "greedy": {"heads": str(SHIPPED_HEADS_DIR), "options": {**FIXED, "draft_sampling": "greedy"}},
+    "auto": {"heads": str(SHIPPED_HEADS_DIR), "options": {}, "timing_only": True},
     "plain": {"heads": None, "options": None},
 }
 
@@ -75,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--arms", default="bebop,ce,greedy,plain", help="comma list; the first one drives training")
+    p.add_argument("--arms", default="bebop,ce,greedy,auto,plain",
+                   help="comma list; the first one drives training (bebop/ce/greedy: fixed k, acceptance arms; "
+                   "auto: default heads with the default draft_length=auto, rollout time only; plain: no speculation)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -133,7 +140,7 @@ def calibrate(grpo: Any, engines: dict[str, Any], temps: list[float], n_prompts:
     tasks = [arithmetic_task(rng) for _ in range(n_prompts)]
     fits = {}
     for arm, eng in engines.items():
-        if eng.speculative_config is None:
+        if eng.speculative_config is None or ARMS[arm].get("timing_only"):
             continue
         stats = [grpo.rollout(eng, tasks, step=-1 - i, temperature=t)[1] for i, t in enumerate(temps)]
         fits[arm] = AcceptanceFit.fit(stats, label=f"{arm} pre-RL")
@@ -234,7 +241,7 @@ def write_md(result: dict[str, Any], path: Path) -> None:
     for arm in result["arms"]:
         s = summ[arm]
         tau0, tau1 = s["tokens_per_verify_step_first"], s["tokens_per_verify_step_last"]
-        taus = f"{tau0:.3f} -> {tau1:.3f}" if tau0 is not None else "-"
+        taus = " -> ".join("-" if t is None else f"{t:.3f}" for t in (tau0, tau1))
         lines.append(f"| {arm} | {s['mean_rollout_seconds']:.2f} | {s['mean_sync_seconds']:.2f} | "
                      f"{s['mean_rl_step_seconds']:.2f} | {s.get('rollout_speedup_vs_plain', math.nan):.2f} | "
                      f"{s.get('rl_step_speedup_vs_plain', math.nan):.2f} | {taus} | {s['drift_steps']} |")
@@ -247,15 +254,13 @@ def write_md(result: dict[str, Any], path: Path) -> None:
         lines.append("\nGreedy drafting vs rejection sampling (bebop heads): " + "; ".join(
             f"pos {c['position']}: greedy better {c['greedy_better']} H* = "
             f"{'-' if c['entropy'] is None else format(c['entropy'], '.2f')}" for c in result["greedy_crossover"]))
+    monitored = [a for a in result["arms"] if a in result["fits"]]
     lines += ["\n## Per step\n", "| step | reward | KL | entropy | " + " | ".join(
-        f"{a} acc (fit) | {a} tok/verify" for a in result["arms"] if a != "plain") + " |",
-        "|---" * (4 + 2 * sum(a != "plain" for a in result["arms"])) + "|"]
+        f"{a} acc (fit) | {a} tok/verify" for a in monitored) + " |", "|---" * (4 + 2 * len(monitored)) + "|"]
     for s in result["steps"]:
         tr = s["train"]
         cells = [str(s["step"]), f"{tr['reward']:.2f}", f"{tr['kl']:.4f}", f"{tr['entropy']:.3f}"]
-        for a in result["arms"]:
-            if a == "plain":
-                continue
+        for a in monitored:
             m, st = s["arms"][a]["monitor"], s["arms"][a]["stats"]
             flag = " DRIFT" if m["drift"] else (" below" if m["below_fit"] else "")
             cells += [f"{m['observed']:.3f} ({m['predicted']:.3f}){flag}", f"{st['mean_tokens_per_verify_step']:.3f}"]
