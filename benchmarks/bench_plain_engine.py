@@ -23,6 +23,9 @@ from typing import Any
 
 from bebop_vllm.hardware import describe_machine, machine_info
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _results
+from _results import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "plain_engine"
 
@@ -95,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": cmd, "machine": machine, "batch": args.batch, "max_tokens": args.max_tokens,
               "repeats": args.repeats, "tokens_per_second": rates, "median": med,
               "ratio_with_to_without": ratio, "wall_seconds": round(time.time() - t0, 1)}
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, end="")
+    write_results(args.out, result, markdown(result))
     return 0
 
 

@@ -32,6 +32,9 @@ from typing import Any
 
 from bebop_vllm.hardware import describe_machine, machine_info
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _results
+from _results import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 OLD_COMMIT = "7257858"  # last commit with the old trainer
@@ -154,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "median": medians,
         "speedup_vs_old": {k: round(v / old, 2) for k, v in medians.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, end="")
+    write_results(args.out, result, markdown(result))
     return 0
 
 

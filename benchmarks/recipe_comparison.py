@@ -31,6 +31,9 @@ import numpy as np
 
 from bebop_vllm.hardware import describe_machine, machine_info
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _results
+from _results import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "heads_comparison"
 
@@ -221,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "verdicts": verdicts,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
-    md = markdown(out)
-    args.out.with_suffix(".md").write_text(md)
-    print(md, end="")
+    write_results(args.out, out, markdown(out))
     return 0
 
 
