@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bebop_vllm.errors import BebopError
+from bebop_vllm.safetensors_header import read_header
 
 METHOD_NAME = "bebop"
 # Key under VllmConfig.additional_config that carries BebopOptions to the workers.
@@ -172,16 +173,12 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor shapes from a safetensors header, without reading the weights."""
     try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100_000_000:
-                raise ValueError(f"header length {size}")
-            header = json.loads(f.read(size))
+        header = read_header(path)
     except FileNotFoundError:
         raise BebopSpecError(f"heads folder {path.parent} has no {path.name}") from None
     except (OSError, ValueError) as exc:
         raise BebopSpecError(f"heads weights {path} are not a valid safetensors file ({exc})") from None
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return {k: v["shape"] for k, v in header.items()}
 
 
 def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any, target_model_dir: str | None = None) -> int:

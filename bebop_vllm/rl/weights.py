@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from bebop_vllm.errors import BebopError
+from bebop_vllm.safetensors_header import read_header
 
 # safetensors header dtype names -> torch dtypes
 _ST_DTYPES = {
@@ -43,17 +44,11 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorSpec]:
     """Names, shapes and dtypes of one safetensors file, from its header only."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100_000_000:
-                raise ValueError(f"header length {size}")
-            header = json.loads(f.read(size))
+        header = read_header(path)
     except (OSError, ValueError) as exc:
         raise PolicyWeightsError(f"{path} is not a readable safetensors file ({exc})") from None
     out = {}
     for name, meta in header.items():
-        if name == "__metadata__":
-            continue
         dtype = _ST_DTYPES.get(meta.get("dtype"))
         if dtype is None:
             raise PolicyWeightsError(f"tensor {name!r} in {path} has unsupported dtype {meta.get('dtype')!r}")
