@@ -143,18 +143,24 @@ class HiddenCache:
         # right padding: real positions never attend to pads (causal), so their states are exact
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         for r, i in enumerate(batch):
-            n, lo = self._len(i), int(self.seqs.offsets[i])
-            h16 = hidden[r, :n].to(torch.float16)
-            self.array[lo : lo + n] = h16.numpy()
-            # log-normaliser and probabilities from the fp16 states the trainer will read
-            logits = (h16.float() @ lm_head.T) / float(self.seqs.temperatures[i])
-            lse = torch.logsumexp(logits, dim=-1)
-            self.lse[lo : lo + n] = lse.numpy()
+            n = self._len(i)
+            logits, lse = self._store(i, hidden[r, :n], lm_head)
             plen = int(self.seqs.prompt_lens[i])
             if n - 1 > max(plen - 1, 0):  # positions that predict a completion token
                 probs = torch.exp(logits[max(plen - 1, 0) : n - 1] - lse[max(plen - 1, 0) : n - 1, None])
                 self.mass += probs.sum(0).double().numpy()
             self.done.add(i)
+
+    def _store(self, i: int, hidden: torch.Tensor, lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write sequence i's ``[L_i, H]`` states (as fp16) and their log-normalisers; return the
+        logits / T_i and the log-normalisers, both from the fp16 states the trainer will read."""
+        n, lo = self._len(i), int(self.seqs.offsets[i])
+        h16 = hidden.to(torch.float16)
+        self.array[lo : lo + n] = h16.numpy()
+        logits = (h16.float() @ lm_head.T) / float(self.seqs.temperatures[i])
+        lse = torch.logsumexp(logits, dim=-1)
+        self.lse[lo : lo + n] = lse.numpy()
+        return logits, lse
 
     def put(self, i: int, hidden: torch.Tensor) -> None:
         """Store sequence i's states computed elsewhere (e.g. while sampling); call save() after."""
@@ -164,11 +170,7 @@ class HiddenCache:
                 f"hidden states for sequence {i} have shape {tuple(hidden.shape)}, expected {(n, self.hidden_size)}"
             )
         _, lm_head = target_embedding_and_lm_head(self.model_dir, torch.float32)
-        h16 = hidden.to(torch.float16)
-        lo = int(self.seqs.offsets[i])
-        self.array[lo : lo + n] = h16.numpy()
-        logits = (h16.float() @ lm_head.T) / float(self.seqs.temperatures[i])
-        self.lse[lo : lo + n] = torch.logsumexp(logits, dim=-1).numpy()
+        self._store(i, hidden, lm_head)
         self.done.add(i)
 
     def save(self) -> None:
