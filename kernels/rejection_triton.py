@@ -109,6 +109,37 @@ def _emitted_weights(
 
 
 @triton.jit
+def _emitted_total(
+    target_ptr,
+    row_base,
+    temperature,
+    lse,
+    draft_probs_ptr,
+    draft_base,
+    rejected_token,
+    residual,
+    vocab_size,
+    FROM_LOGITS: tl.constexpr,
+    HAS_DRAFT_PROBS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``(total, last_positive)``: the emitted weights' sum (float32 blocks, float64 total) and
+    the last token with positive weight (the inverse CDF's fallback)."""
+    total = tl.zeros([], tl.float64)
+    last_positive = tl.zeros([], tl.int64)
+    for start in range(0, vocab_size, BLOCK):
+        offsets = start + tl.arange(0, BLOCK)
+        w = _emitted_weights(
+            target_ptr, row_base, temperature, lse, draft_probs_ptr, draft_base,
+            rejected_token, residual, offsets, offsets < vocab_size,
+            FROM_LOGITS, HAS_DRAFT_PROBS,
+        )
+        total += tl.sum(w, axis=0).to(tl.float64)
+        last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0, offsets, 0), axis=0))
+    return total, last_positive
+
+
+@triton.jit
 def accept_and_sample_kernel(
     output_ptr,  # [B, output_stride] int32, pre-filled with -1
     num_accepted_ptr,  # [B] int32 out
@@ -210,34 +241,18 @@ def accept_and_sample_kernel(
         draft_base = rejected_index * draft_row_stride
         # Pass 1: total mass of the emitted distribution (float32 blocks, float64 total).
         residual = rejected
-        total = tl.zeros([], tl.float64)
-        last_positive = tl.zeros([], tl.int64)
-        for start in range(0, vocab_size, BLOCK):
-            offsets = start + tl.arange(0, BLOCK)
-            w = _emitted_weights(
-                target_ptr, row_base, temperature, lse, draft_probs_ptr, draft_base,
-                rejected_token, residual, offsets, offsets < vocab_size,
-                FROM_LOGITS, HAS_DRAFT_PROBS,
-            )
-            total += tl.sum(w, axis=0).to(tl.float64)
-            last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0, offsets, 0), axis=0))
+        total, last_positive = _emitted_total(
+            target_ptr, row_base, temperature, lse, draft_probs_ptr, draft_base,
+            rejected_token, residual, vocab_size, FROM_LOGITS, HAS_DRAFT_PROBS, BLOCK,
+        )
         if residual and total == 0:
             # p == q: the rejection had probability 0 (float rounding); sample p instead,
             # as prob_math.residual_distribution does.
             residual = tl.zeros([], tl.int1)
-            total = tl.zeros([], tl.float64)
-            last_positive = tl.zeros([], tl.int64)
-            for start in range(0, vocab_size, BLOCK):
-                offsets = start + tl.arange(0, BLOCK)
-                w = _emitted_weights(
-                    target_ptr, row_base, temperature, lse, draft_probs_ptr, draft_base,
-                    rejected_token, residual, offsets, offsets < vocab_size,
-                    FROM_LOGITS, HAS_DRAFT_PROBS,
-                )
-                total += tl.sum(w, axis=0).to(tl.float64)
-                last_positive = tl.maximum(
-                    last_positive, tl.max(tl.where(w > 0, offsets, 0), axis=0)
-                )
+            total, last_positive = _emitted_total(
+                target_ptr, row_base, temperature, lse, draft_probs_ptr, draft_base,
+                rejected_token, residual, vocab_size, FROM_LOGITS, HAS_DRAFT_PROBS, BLOCK,
+            )
         # Pass 2: find the block, then the token, where the CDF first exceeds u * total.
         threshold = tl.load(final_u_ptr + request) * total
         final_token = last_positive
