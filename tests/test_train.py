@@ -196,6 +196,17 @@ def test_target_cache_log_normaliser_and_mass(setup: tuple[Path, Path]) -> None:
     assert cache.mass.sum() == pytest.approx(positions, rel=1e-4)
     again = HiddenCache(data, "heldout", held, target)  # resumed from disk: nothing left to do
     assert again.done == set(range(len(held))) and np.allclose(again.mass, cache.mass)
+    # put() (states computed while sampling, generate-data --engine hf) stores the same record
+    for f in (again.path, again.lse_path, again.mass_path, again.state_path):
+        f.unlink()
+    fresh = HiddenCache(data, "heldout", held, target)
+    assert not fresh.done
+    for i in range(len(held)):
+        fresh.put(i, cache.hidden(i))
+    np.testing.assert_allclose(fresh.mass, cache.mass, rtol=1e-5)
+    for i in range(len(held)):
+        torch.testing.assert_close(fresh.log_normaliser(i), cache.log_normaliser(i))
+    fresh.save()
 
 
 def test_identity_start_reproduces_the_target_hidden_state(setup: tuple[Path, Path]) -> None:

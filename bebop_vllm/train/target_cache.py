@@ -143,24 +143,22 @@ class HiddenCache:
         # right padding: real positions never attend to pads (causal), so their states are exact
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
         for r, i in enumerate(batch):
-            n = self._len(i)
-            logits, lse = self._store(i, hidden[r, :n], lm_head)
-            plen = int(self.seqs.prompt_lens[i])
-            if n - 1 > max(plen - 1, 0):  # positions that predict a completion token
-                probs = torch.exp(logits[max(plen - 1, 0) : n - 1] - lse[max(plen - 1, 0) : n - 1, None])
-                self.mass += probs.sum(0).double().numpy()
+            self._store(i, hidden[r, : self._len(i)], lm_head)
             self.done.add(i)
 
-    def _store(self, i: int, hidden: torch.Tensor, lm_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write sequence i's ``[L_i, H]`` states (as fp16) and their log-normalisers; return the
-        logits / T_i and the log-normalisers, both from the fp16 states the trainer will read."""
+    def _store(self, i: int, hidden: torch.Tensor, lm_head: torch.Tensor) -> None:
+        """Write sequence i's ``[L_i, H]`` states (as fp16) and their log-normalisers, and add its
+        completion positions' target probabilities to ``mass``; all from the fp16 states the
+        trainer will read."""
         n, lo = self._len(i), int(self.seqs.offsets[i])
         h16 = hidden.to(torch.float16)
         self.array[lo : lo + n] = h16.numpy()
         logits = (h16.float() @ lm_head.T) / float(self.seqs.temperatures[i])
         lse = torch.logsumexp(logits, dim=-1)
         self.lse[lo : lo + n] = lse.numpy()
-        return logits, lse
+        first = max(int(self.seqs.prompt_lens[i]) - 1, 0)  # positions that predict a completion token
+        if n - 1 > first:
+            self.mass += torch.exp(logits[first : n - 1] - lse[first : n - 1, None]).sum(0).double().numpy()
 
     def put(self, i: int, hidden: torch.Tensor) -> None:
         """Store sequence i's states computed elsewhere (e.g. while sampling); call save() after."""
