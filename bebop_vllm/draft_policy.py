@@ -175,7 +175,9 @@ class StepTimeCorrection:
     weight: float = 0.2  # weight of the newest step in the average
     min_steps: int = 3
     max_ratio: float = 4.0
+    max_probes: int = 12  # probe steps per (bucket, kind): a kind that cannot be observed stops being probed
     ratios: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)
+    probes: dict[tuple[int, bool], int] = field(default_factory=dict)
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -191,11 +193,32 @@ class StepTimeCorrection:
         self.ratios[key] = ((1.0 - w) * old + w * r, n + 1)
 
     def factor(self, batch: int, drafting: bool) -> float:
+        """The ratio for this kind of step at the nearest measured batch bucket; a kind never
+        measured yet takes the other kind's ratio (the model's relative costs are trusted until
+        measured: a model uniformly off by 4x must not make the unmeasured kind look 4x cheaper
+        or dearer, or drafting could never start); 1 when nothing is measured."""
+        for kind in (bool(drafting), not drafting):
+            ready = {k[0]: v[0] for k, v in self.ratios.items() if k[1] == kind and v[1] >= self.min_steps}
+            if ready:
+                b = self.bucket(batch)
+                return ready[min(ready, key=lambda x: (abs(x - b), x))]
+        return 1.0
+
+    def probe(self, batch: int, drafting: bool) -> bool | None:
+        """The kind of step to run instead of the planned one (``drafting`` = the plan drafts), or
+        None. Only the relative cost of the two kinds decides the plan, so once the planned kind
+        is measured in this bucket and the other is not, the other is run until it is measured
+        too (a plain probe costs a little speed, a drafting probe drafts one token per request);
+        each kind is probed at most ``max_probes`` steps per bucket."""
         b = self.bucket(batch)
-        ready = {k[0]: v[0] for k, v in self.ratios.items() if k[1] == bool(drafting) and v[1] >= self.min_steps}
-        if not ready:
-            return 1.0
-        return ready[min(ready, key=lambda x: (abs(x - b), x))]
+        other = not drafting
+        if self.ratios.get((b, bool(drafting)), (0.0, 0))[1] < self.min_steps:
+            return None
+        measured = self.ratios.get((b, other), (0.0, 0))[1] >= self.min_steps
+        if measured or self.probes.get((b, other), 0) >= self.max_probes:
+            return None
+        self.probes[(b, other)] = self.probes.get((b, other), 0) + 1
+        return other
 
     def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int) -> Callable[[Any, int], Any]:
         """``step_seconds`` times the plain-step factor (depths = 0) or the drafting factor."""

@@ -158,12 +158,15 @@ def default_model(on_gpu: bool) -> StepCostModel:
 # --- cache key -------------------------------------------------------------------------------
 
 def machine_id() -> dict[str, Any]:
-    """What makes timings comparable: the accelerator (or CPU model + flags) and thread count."""
+    """What makes timings comparable: the accelerator (or CPU model + flags) and the thread
+    settings vLLM derives from the environment. It must be the same in the worker (which
+    calibrates) and the scheduler (which plans): with vLLM's multiprocess executor they are
+    different processes, and the CPU worker changes its own thread count and ``OMP_NUM_THREADS``
+    after it starts, so neither is part of the key (the inherited environment variables are)."""
     import torch
 
-    info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    for env in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "CUDA_VISIBLE_DEVICES"):
+    info: dict[str, Any] = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
+    for env in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "CUDA_VISIBLE_DEVICES"):
         if os.environ.get(env):
             info[env] = os.environ[env]
     if torch.cuda.is_available():

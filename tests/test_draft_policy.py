@@ -381,18 +381,30 @@ def test_step_time_correction_averages_per_bucket_and_kind():
     assert c.factor(16, True) == 1.0  # fewer than min_steps: trust the model
     c.observe(16, True, 0.1, 0.2)
     assert c.factor(16, True) == pytest.approx(2.0)
-    assert c.factor(16, False) == 1.0  # plain steps are their own kind
+    assert c.factor(16, False) == pytest.approx(2.0)  # plain steps not measured yet: the drafting ratio
+    for _ in range(3):
+        c.observe(16, False, 0.1, 0.1)
+    assert c.factor(16, False) == pytest.approx(1.0)  # plain steps are their own kind once measured
     assert c.factor(31, True) == pytest.approx(2.0)  # same bucket (16-31)
     assert c.factor(2, True) == pytest.approx(2.0)  # nearest bucket with data
     for _ in range(3):
         c.observe(2, True, 0.1, 0.1)
     assert c.factor(2, True) == pytest.approx(1.0) and c.factor(16, True) == pytest.approx(2.0)
-    c.observe(16, False, 0.1, 100.0)  # one stalled step is clipped
-    assert c.ratios[(c.bucket(16), False)][0] <= c.max_ratio
-    c.observe(16, False, 0.0, 1.0)  # nonsense input is ignored
-    assert c.ratios[(c.bucket(16), False)][1] == 1
+    c.observe(64, False, 0.1, 100.0)  # one stalled step is clipped
+    assert c.ratios[(c.bucket(64), False)][0] <= c.max_ratio
+    c.observe(64, False, 0.0, 1.0)  # nonsense input is ignored
+    assert c.ratios[(c.bucket(64), False)][1] == 1
     step = c.corrected(lambda n, k: 1.0, 16)
     assert step(20, 0) == pytest.approx(1.0) and step(20, 2) == pytest.approx(2.0)
+    probing = StepTimeCorrection(min_steps=2, max_probes=3)
+    assert probing.probe(8, True) is None  # nothing measured: follow the plan
+    probing.observe(8, True, 1.0, 1.0)
+    probing.observe(8, True, 1.0, 1.0)
+    assert [probing.probe(8, True) for _ in range(4)] == [False, False, False, None]  # capped
+    uniform = StepTimeCorrection(min_steps=1)
+    uniform.observe(16, False, 1.0, 0.25)  # a model 4x too slow for plain steps...
+    step = uniform.corrected(lambda n, k: 1.0, 16)
+    assert step(20, 2) / step(16, 0) == pytest.approx(1.0)  # ...is assumed 4x too slow for drafting too
 
 
 def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated():
@@ -415,14 +427,40 @@ def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated()
         planner.observe_step_time(out, out._bebop_scheduled_at + predicted * slowdown)
         planner._last_update_end = 0.0
 
-    for _ in range(4):
+    kinds = []
+    for _ in range(12):
+        kinds.append(out.num_spec_tokens_to_schedule > 0)
         run_step(out, 2.0 if out.num_spec_tokens_to_schedule else 1.0)
         out = sched.output()
         base(sched, out)
+    # 3 drafting steps measure drafting; plain is probed (only the relative cost decides) until
+    # measured; from then on the corrected model says plain: no more drafting, no more probes
+    assert kinds[:3] == [True] * 3 and not any(kinds[3:])
     assert out.num_spec_tokens_to_schedule == 0
     assert planner.correction.factor(16, True) == pytest.approx(2.0)
+    assert planner.correction.factor(16, False) == pytest.approx(1.0)
+    assert planner.correction.probes == {(planner.correction.bucket(16), False): 3}
     # a prefill in the step: not observed
     before = dict(planner.correction.ratios)
     out.scheduled_spec_decode_tokens, out.total_num_scheduled_tokens = {}, 16 + 100
     planner.observe_step_time(out, out._bebop_scheduled_at + 5.0)
     assert planner.correction.ratios == before
+
+
+def test_step_cost_key_is_the_same_in_the_worker_and_the_scheduler_process(monkeypatch):
+    """vLLM's CPU worker sets its own thread count and OMP_NUM_THREADS after it starts; the
+    scheduler (another process with the multiprocess executor) must still find its calibration."""
+    import torch
+
+    from bebop_vllm.step_cost import machine_id
+
+    before = machine_id()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "7")
+        assert machine_id() == before
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # a setting both processes inherit: part of the key
+    assert machine_id() != before

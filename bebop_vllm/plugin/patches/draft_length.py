@@ -129,6 +129,10 @@ class DraftPlanner:
             lengths = list(plan_draft_lengths(alphas, self.max_k, step_seconds,
                                               base_tokens=base, min_gain=self.min_gain,
                                               eligible=eligible).lengths)
+            if base == len(req_ids):  # decode-only: the steps StepTimeCorrection measures
+                probe = self.correction.probe(len(req_ids), max(lengths) > 0)
+                if probe is not None:
+                    lengths = [int(ok) if probe else 0 for ok in eligible]
         self.lengths = dict(zip(req_ids, lengths, strict=True))
         depths = max(lengths)
         self._count(depths, lengths)
