@@ -87,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature during RL")
-    p.add_argument("--lr", type=float, default=5e-5, help="high enough that KL(pi_t||pi_0) reaches 0.05")
+    p.add_argument("--lr", type=float, default=3e-5,
+                   help="Adam learning rate: high enough that KL(pi_t||pi_0) reaches 0.05 nats/token, low enough "
+                   "to move gradually (1e-4 gave KL 0.16 after one step and 0.5 after two)")
     p.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     p.add_argument("--calib-temperatures", default="0.6,1.0,1.4")
     p.add_argument("--calib-prompts", type=int, default=8)
