@@ -198,8 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     temps = [float(t) for t in args.temperatures.split(",")]
     domains = args.domains.split(",")
     need = max([*concurrencies, 0] if sweep_engines else [0]) + (args.rollout_prompts if rollout_engines else 0)
-    per_domain = -(-need // len(domains))
-    by_domain = _render_prompts(args.model, domains, per_domain, args.max_model_len - args.rollout_max_tokens - 8)
+    max_prompt_tokens = args.max_model_len - args.rollout_max_tokens - 8
+    try:
+        per_domain = -(-need // len(domains))
+        by_domain = _render_prompts(args.model, domains, per_domain, max_prompt_tokens)
+    except SystemExit as exc:  # not enough held-out prompts for disjoint sets: the rollout reuses sweep prompts
+        need = max([*concurrencies, 0] if sweep_engines else [0]) if not rollout_engines else \
+            max(max(concurrencies) if sweep_engines else 0, args.rollout_prompts)
+        print(f"{exc}; the rollout's prompts overlap the sweep's ({need} prompts in all)", file=sys.stderr)
+        per_domain = -(-need // len(domains))
+        by_domain = _render_prompts(args.model, domains, per_domain, max_prompt_tokens)
     mixed = [by_domain[d][i] for i in range(per_domain) for d in domains]
     sweep_prompts = mixed[: max(concurrencies)]
     rollout_prompts = mixed[len(mixed) - args.rollout_prompts:]  # disjoint from the sweep when enough prompts
