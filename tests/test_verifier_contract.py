@@ -648,3 +648,64 @@ def test_seeded_request_without_drafts_leaves_its_generator_alone() -> None:
         draw(gens)
         assert not torch.equal(gens[0].get_state(), before[0])  # k = 2: drew
         assert torch.equal(gens[1].get_state(), before[1])  # k = 0: untouched
+
+
+# ----------------------------------------------------------------------------- no drafts in the step
+
+
+def no_draft_case(batch: int, vocab: int, seed: int):
+    """A step in which no request drafts (draft_length="auto" in a crowd): metadata, logits [B, V]."""
+    metadata = SpecDecodeMetadata.make_dummy([[] for _ in range(batch)], device=torch.device("cpu"))
+    # The runner's layout (GPUModelRunner._calc_spec_decode_metadata): bonus row of request i at
+    # cu_num_sampled_tokens[i] - 1 = i (make_dummy leaves them all 0, a profiling placeholder).
+    metadata.bonus_logits_indices = torch.arange(batch, dtype=torch.int32)
+    metadata.logits_indices = torch.arange(batch, dtype=torch.int32)
+    assert metadata.max_spec_len == 0
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    return metadata, logits
+
+
+@pytest.mark.parametrize("kind", ["greedy", "random", "mixed"])
+@pytest.mark.parametrize("num_logprobs", [None, 3])
+def test_step_without_drafts_matches_vllm(kind: str, num_logprobs: int | None) -> None:
+    """A step without drafts is plain sampling (the verifier's shortcut calls vLLM's Sampler on
+    the rows directly): tokens and logprobs equal vLLM's RejectionSampler's on the same inputs,
+    with every request seeded so both draw the same random numbers."""
+    batch, vocab = 5, 40
+    metadata, logits = no_draft_case(batch, vocab, seed=3)
+    temperature = {"greedy": torch.zeros(batch), "random": torch.full((batch,), 0.8),
+                   "mixed": torch.tensor([0.0, 1.0, 0.0, 0.7, 1.3])}[kind]
+
+    def sampling():
+        gens = {i: torch.Generator().manual_seed(100 + i) for i in range(batch) if temperature[i] > 0}
+        meta = make_sampling_metadata(temperature, generators=gens)
+        meta.max_num_logprobs = num_logprobs
+        return meta
+
+    theirs = RejectionSampler(Sampler())(metadata, None, logits.clone(), sampling())
+    verifier = BebopRejectionSampler(Sampler())
+    ours = verifier(metadata, None, logits.clone(), sampling())
+    assert ours.sampled_token_ids.dtype == torch.int32
+    assert ours.sampled_token_ids.tolist() == theirs.sampled_token_ids.tolist()
+    if kind == "greedy":
+        assert ours.sampled_token_ids[:, 0].tolist() == logits.argmax(-1).tolist()
+    assert verifier.last_target_entropy is not None and verifier.last_target_entropy.numel() == 0
+    if num_logprobs is None:
+        assert ours.logprobs_tensors is None
+    else:
+        for field in ("logprob_token_ids", "logprobs", "selected_token_ranks"):
+            a, b = getattr(ours.logprobs_tensors, field), getattr(theirs.logprobs_tensors, field)
+            assert a.shape == b.shape, field
+            torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), msg=field)
+
+
+def test_step_without_drafts_never_runs_the_accept_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut is taken: no rejection kernel and no [B, V] row copy for absent drafts."""
+    metadata, logits = no_draft_case(batch=4, vocab=30, seed=1)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the accept step ran in a step without drafts")
+
+    monkeypatch.setattr(BebopRejectionSampler, "_verify", fail)
+    out = BebopRejectionSampler(Sampler())(metadata, None, logits, greedy_sampling(4))
+    assert out.sampled_token_ids[:, 0].tolist() == logits.argmax(-1).tolist()

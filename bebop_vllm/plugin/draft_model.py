@@ -77,14 +77,50 @@ class BebopHeadModel(nn.Module):
         self.layer = LlamaDecoderLayer(vllm_config, prefix=maybe_prefix(prefix, f"layers.{layer_index}"), config=config)
         self.norm = RMSNorm(hidden, eps=eps)
 
+        # Set by the draft_kv_only patch around a proposer pass that drafts nothing (K = 0).
+        self.kv_only = False
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         embeds = self.enorm(self.embed_tokens(input_ids))
         x = self.fc(torch.cat((embeds, self.hnorm(hidden_states)), dim=-1))
+        if self.kv_only:
+            self.write_kv_cache(positions, x)
+            return x, x  # placeholders: at K = 0 the proposer discards the pass's outputs
         x, residual = self.layer(positions, x, None)
         out = x + residual
         return self.norm(out), out
+
+    def supports_kv_only(self) -> bool:
+        """Whether the layer's attention writes its KV cache in a separate op (then
+        :meth:`write_kv_cache` can run that op alone; vLLM's CPU and FlashAttention backends do)."""
+        attn = self.layer.self_attn.attn
+        return (not attn.attn_backend.forward_includes_kv_cache_update
+                and attn.kv_sharing_target_layer_name is None)
+
+    def write_kv_cache(self, positions: torch.Tensor, x: torch.Tensor) -> None:
+        """Write this pass's keys and values to the layer's KV cache, and compute nothing else.
+
+        A proposer pass with K = 0 (``draft_length="auto"`` chose no drafts for the next step)
+        exists only to keep the drafter's KV cache complete for the step's tokens, so drafting
+        can resume later; attention, ``o_proj``, the MLP and the final norm would be thrown away.
+        This runs the part of the layer the cache needs, op for op as vLLM does it, so the cache
+        holds the same bits as after a full pass (tests/test_draft_kv_only.py):
+        ``LlamaDecoderLayer.forward`` (input_layernorm with no residual), ``LlamaAttention.forward``
+        (qkv_proj, split, rotary_emb) and ``Attention.forward`` (view to heads, then
+        ``unified_kv_cache_update``), vLLM 0.32.0; fingerprinted as the draft_kv_only patch's
+        targets in :mod:`bebop_vllm.plugin.upstream`.
+        """
+        from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+
+        self_attn = self.layer.self_attn
+        qkv, _ = self_attn.qkv_proj(self.layer.input_layernorm(x))
+        q, k, v = qkv.split([self_attn.q_size, self_attn.kv_size, self_attn.kv_size], dim=-1)
+        _, k = self_attn.rotary_emb(positions, q, k)
+        attn = self_attn.attn
+        unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_size),
+                                v.view(-1, attn.num_kv_heads, attn.head_size_v), attn.layer_name)
 
 
 class BebopMTPModel(nn.Module):

@@ -47,6 +47,12 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "cpu_expand_fix": (f"{_RS}:expand_batch_to_tokens", "vllm.utils.cpu_triton_utils:_expand_kernel_impl"),
     "draft_sampling": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._sample_from_logits",
                        "vllm.v1.spec_decode.llm_base_proposer:compute_probs_and_sample_next_token"),
+    # the wrapped proposer entry point, and the layer code BebopHeadModel.write_kv_cache copies
+    "draft_kv_only": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
+                      "vllm.model_executor.models.llama:LlamaDecoderLayer.forward",
+                      "vllm.model_executor.models.llama:LlamaAttention.forward",
+                      "vllm.model_executor.layers.attention.attention:Attention.forward",
+                      "vllm.model_executor.layers.attention.attention:unified_kv_cache_update"),
     "model_runner": (f"{_RUNNER}.__init__",),
     "metrics_record_class": ("vllm.v1.metrics.stats:RequestSpecDecodeMetrics",
                              "vllm.v1.core.sched.scheduler:Scheduler.add_request"),

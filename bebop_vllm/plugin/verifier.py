@@ -63,6 +63,8 @@ class BebopRejectionSampler(RejectionSampler):
         # up to the call of its module-level rejection_sample, which _verify replaces.
         if metadata.max_spec_len > vllm_rs.MAX_SPEC_LEN:
             raise ValueError(f"max_spec_len {metadata.max_spec_len} exceeds vLLM's MAX_SPEC_LEN {vllm_rs.MAX_SPEC_LEN}")
+        if metadata.max_spec_len == 0 and logits.shape[0] == len(metadata.num_draft_tokens):
+            return self._sample_without_drafts(logits, sampling_metadata)
         bonus_logits = logits[metadata.bonus_logits_indices]
         bonus_sampler_output = self.sampler(
             logits=bonus_logits,
@@ -97,6 +99,21 @@ class BebopRejectionSampler(RejectionSampler):
                 output_token_ids,
             )
         return SamplerOutput(sampled_token_ids=output_token_ids, logprobs_tensors=logprobs_tensors)
+
+    def _sample_without_drafts(self, logits: torch.Tensor, sampling_metadata: Any) -> SamplerOutput:
+        """A step in which no request has drafts (``draft_length="auto"`` in a crowded batch).
+
+        ``logits [B, V]`` are then exactly the bonus rows, in request order (vLLM's layout:
+        ``bonus_logits_indices = cu_num_draft_tokens + arange(B)``, here ``arange(B)``), and the
+        step is plain decoding: vLLM's ``Sampler`` on them, as ``GPUModelRunner._sample`` calls it
+        without speculation (its own logprobs), so the step costs what a plain step costs. The
+        general path would copy the rows (``logits[bonus_logits_indices]``) and have the sampler
+        keep a full-vocabulary float32 copy for logprobs of draft positions that do not exist.
+        ``predict_bonus_token=True`` as in the general path (it only matters for penalties and
+        bad words, which then see the request's spec tokens: none).
+        """
+        self.last_target_entropy = logits.new_empty(0, dtype=torch.float32)
+        return self.sampler(logits=logits, sampling_metadata=sampling_metadata, predict_bonus_token=True)
 
     def _verify(
         self,

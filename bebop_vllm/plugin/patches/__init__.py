@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bebop_vllm.plugin.patches import (
     cpu_expand_fix,
+    draft_kv_only,
     draft_length,
     draft_sampling,
     metrics,
@@ -28,6 +29,7 @@ PATCHES: list[Patch] = [
     runner_v2_guard.PATCH,  # bebop engines run on the V1 model runner (GPU)
     cpu_expand_fix.PATCH,  # CPU: per-token temperature/top-k/top-p were uninitialised memory
     draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
+    draft_kv_only.PATCH,  # a K = 0 proposer pass only writes the heads' KV cache
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
     *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)
