@@ -11,6 +11,7 @@ Three engines, each held in its own process for the whole run so every ratio com
     64), c held-out prompts are submitted at once (``ignore_eos``, ``--sweep-max-tokens``) and
     tokens/s is measured per engine; ratio = engine tokens/s / plain tokens/s in the same cell.
     The engines take turns per cell (rotating order), so machine load hits all of them alike.
+    Every run starts from an empty prefix cache (fresh prompts, as in an RL step).
 (b) **RL-shaped rollout**: ``--rollout-prompts`` held-out prompts x ``--rollout-samples`` samples
     (T = ``--rollout-temperature``, ``--rollout-max-tokens``, natural stops: long-tailed lengths)
     submitted at once; the wall time until the last sequence ends, plain vs bebop-auto (and
@@ -53,6 +54,10 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max
         if msg[0] == "stop":
             break
         _, prompts, params = msg
+        # Every run starts from an empty prefix cache, as an RL step's fresh prompts do: the sweep
+        # repeats its prompts in every cell, and a plain engine reuses more of a cached prompt
+        # than an EAGLE-style one (vLLM drops the last cached block for the drafter to recompute).
+        llm.reset_prefix_cache()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, SamplingParams(**params), use_tqdm=False)
         seconds = time.perf_counter() - t0
