@@ -131,13 +131,17 @@ def test_supported_version_applies_needed_patches_only(fresh_register, monkeypat
     assert applied == ["models"] + [p.name for p in PATCHES[1:]]
 
 
-def test_cpu_expand_fix_only_on_cpu_hosts():
+def test_cpu_only_patches_only_on_cpu_hosts():
+    """cpu_expand_fix (the CPU bug) and the CPUWorker hook are needed on vLLM's CPU platform only,
+    and say so through ``applies`` (so a CUDA install lists them as not needed, not as missing)."""
     from vllm.platforms import current_platform
 
-    from bebop_vllm.plugin.patches import cpu_expand_fix
+    from bebop_vllm.plugin.patches import cpu_expand_fix, draft_length
+    from bebop_vllm.plugin.patches.base import on_cpu_host
 
-    assert cpu_expand_fix.PATCH.applies is cpu_expand_fix.on_cpu_host
-    assert cpu_expand_fix.PATCH.needed() == current_platform.is_cpu()
+    for patch in (cpu_expand_fix.PATCH, draft_length.CPU_WORKER_WARMUP):
+        assert patch.applies is on_cpu_host
+        assert patch.needed() == current_platform.is_cpu()
 
 
 def test_patch_with_false_predicate_is_not_needed():

@@ -106,3 +106,10 @@ class Patch:
             setattr(self._container(module, owner), attr, replacement)
         self.original = original
         self.applied = True
+
+
+def on_cpu_host() -> bool:
+    """Whether vLLM runs on its CPU platform in this process (an ``applies`` predicate)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bebop_vllm.plugin.patches.base import Patch
+from bebop_vllm.plugin.patches.base import Patch, on_cpu_host
 
 UPSTREAM = (
     "vllm/v1/sample/rejection_sampler.py:581 expand_batch_to_tokens, whose CPU kernel "
@@ -43,13 +43,6 @@ def expand_batch_to_tokens(
     counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
     values = torch.where(x == replace_from, torch.as_tensor(replace_to, dtype=x.dtype, device=x.device), x)
     return values.repeat_interleave(counts, dim=0, output_size=num_tokens)
-
-
-def on_cpu_host() -> bool:
-    """Whether vLLM runs on its CPU platform in this process (where the bug lives)."""
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
 
 
 def _make_replacement(original: Any) -> Any:

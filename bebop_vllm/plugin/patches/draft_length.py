@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bebop_vllm.plugin.patches.base import Patch
+from bebop_vllm.plugin.patches.base import Patch, on_cpu_host
 
 logger = logging.getLogger("vllm.bebop.draft_length")
 
@@ -329,21 +329,12 @@ GPU_WORKER_WARMUP = Patch(
     module="vllm.v1.worker.gpu_worker", owner="Worker", attr="compile_or_warm_up_model",
     expected_params=("self",), make_replacement=_wrap_compile_or_warm_up_model,
 )
-class CpuOnlyPatch(Patch):
-    """Applied only on vLLM's CPU platform (vllm.v1.worker.cpu_worker imports CPU-only modules)."""
-
-    def apply(self) -> None:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            super().apply()
-
-
-CPU_WORKER_WARMUP = CpuOnlyPatch(
+CPU_WORKER_WARMUP = Patch(
     name="step_cost_cpu_worker",
     upstream="vllm/v1/worker/cpu_worker.py:264 CPUWorker.compile_or_warm_up_model (vLLM 0.32.0)",
     module="vllm.v1.worker.cpu_worker", owner="CPUWorker", attr="compile_or_warm_up_model",
     expected_params=("self",), make_replacement=_wrap_compile_or_warm_up_model,
+    applies=on_cpu_host,  # CPUWorker runs only on vLLM's CPU platform
 )
 
 DRAFT_LENGTH_PATCHES = [UPDATE_AFTER_SCHEDULE, ASYNC_UPDATE_AFTER_SCHEDULE, UPDATE_DRAFT_TOKEN_IDS,
