@@ -9,7 +9,8 @@ Three engines, each held in its own process for the whole run so every ratio com
 
 (a) **Concurrency sweep**: for every temperature and concurrency c (default 1, 2, 4, 8, 16, 32,
     64), c held-out prompts are submitted at once (``ignore_eos``, ``--sweep-max-tokens``) and
-    tokens/s is measured per engine; ratio = engine tokens/s / plain tokens/s in the same cell.
+    tokens/s is measured per engine (median of ``--repeats`` runs); ratio = engine tokens/s / plain
+    tokens/s in the same cell.
     The engines take turns per cell (rotating order), so machine load hits all of them alike.
     Every run starts from an empty prefix cache (fresh prompts, as in an RL step).
 (b) **RL-shaped rollout**: ``--rollout-prompts`` held-out prompts x ``--rollout-samples`` samples
@@ -27,6 +28,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,15 @@ def _summarise(run: dict[str, Any]) -> dict[str, Any]:
             "mean_accepted_len": (1 + run["accepted"] / steps) if steps else None}
 
 
+def _summarise_repeats(raws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the repeats; tok/s is the median of the runs' tok/s (each run's is kept)."""
+    total = {k: sum(r[k] for r in raws) for k in ("seconds", "tokens", "drafted", "verify_steps", "accepted")}
+    out = _summarise(total)
+    out["tok_s_runs"] = [r["tokens"] / r["seconds"] for r in raws]
+    out["tok_s"] = statistics.median(out["tok_s_runs"])
+    return out
+
+
 def _markdown(res: dict[str, Any]) -> str:
     from bebop_vllm.hardware import describe_machine
 
@@ -95,7 +106,8 @@ def _markdown(res: dict[str, Any]) -> str:
     if res["sweep"]:
         engines = cfg["engines"]
         lines += [f"## (a) Concurrency sweep ({cfg['sweep_max_tokens']} tokens per request, ignore_eos)", "",
-                  "tokens/s (ratio to plain in the same cell) · drafts per emitted token", "",
+                  f"tokens/s, median of {cfg.get('repeats', 1)} runs (ratio to plain in the same cell) · drafts per "
+                  "emitted token", "",
                   "| T | concurrency | " + " | ".join(engines) + " |", "|---|---|" + "---|" * len(engines)]
         for cell in res["sweep"]:
             row = [str(cell["temperature"]), str(cell["concurrency"])]
@@ -171,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperatures", default="1.0,0.7", help="sweep temperatures (default 1.0,0.7)")
     ap.add_argument("--sweep-max-tokens", type=int, default=64,
                     help="tokens per sweep request (ignore_eos; default 64)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="sweep: runs per engine and cell, median tokens/s (default 2)")
     ap.add_argument("--skip-sweep", action="store_true", help="run only the rollout (b)")
     ap.add_argument("--skip-rollout", action="store_true", help="run only the sweep (a)")
     ap.add_argument("--rollout-prompts", type=int, default=64, help="rollout: held-out prompts (default 64)")
@@ -221,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"command": command, "machine": machine_info(), "sweep": [], "min_ratio": {}, "rollout": None,
                            "config": {"model": args.model, "heads": args.heads, "k": args.k, "dtype": args.dtype,
                                       "engines": sweep_engines, "sweep_max_tokens": args.sweep_max_tokens,
-                                      "max_num_seqs": args.max_num_seqs, "quick": args.quick}}
+                                      "repeats": args.repeats, "max_num_seqs": args.max_num_seqs, "quick": args.quick}}
     t_start = time.perf_counter()
     planned = len(temps) * len(concurrencies) * bool(sweep_engines) + bool(rollout_engines)
     out = Path(args.out)
@@ -256,9 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     for t in temps if sweep_engines else []:
         for n_cell, c in enumerate(concurrencies):
             params = {"temperature": t, "max_tokens": args.sweep_max_tokens, "ignore_eos": True}
-            order = sweep_engines[n_cell % len(sweep_engines):] + sweep_engines[: n_cell % len(sweep_engines)]
-            cell = {"temperature": t, "concurrency": c, "engines": {e: _summarise(run(e, sweep_prompts[:c], params))
-                                                                    for e in order}}
+            raws: dict[str, list[dict[str, Any]]] = {e: [] for e in sweep_engines}
+            for rep in range(args.repeats):  # engines take turns, in a rotating order
+                shift = (n_cell + rep) % len(sweep_engines)
+                for e in sweep_engines[shift:] + sweep_engines[:shift]:
+                    raws[e].append(run(e, sweep_prompts[:c], params))
+            cell = {"temperature": t, "concurrency": c, "engines": {e: _summarise_repeats(raws[e])
+                                                                    for e in sweep_engines}}
             base = cell["engines"].get("none", {}).get("tok_s")
             for e in sweep_engines:
                 cell["engines"][e]["ratio"] = cell["engines"][e]["tok_s"] / base if base else None
