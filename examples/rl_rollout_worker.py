@@ -33,6 +33,8 @@ def main() -> None:
                    help="bebop draft_length (default auto). Seeded requests reproduce across engines only with a "
                         "fixed draft length: auto decides from each engine's own timing calibration, and the number "
                         "of drafts changes how many random numbers a step draws")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="engine dtype (default auto: vLLM's choice for the model and host)")
     args = p.parse_args()
 
     from vllm import SamplingParams
@@ -41,7 +43,7 @@ def main() -> None:
 
     engine = RolloutEngine(args.model, heads=args.heads, num_speculative_tokens=3,
                            speculative_options={"draft_length": args.draft_length},
-                           max_model_len=512, enforce_eager=True, seed=0)
+                           max_model_len=512, enforce_eager=True, seed=0, dtype=args.dtype)
     heads_fp = engine.heads_fingerprint()
     params = SamplingParams(n=2, temperature=1.0, max_tokens=args.max_tokens, seed=args.seed)
     _, before = engine.generate(PROMPTS, params)
