@@ -40,13 +40,15 @@ from bench_throughput import _render_prompts, _spec_config  # noqa: E402
 ENGINES = ("none", "bebop", "bebop-auto")
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
 def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max_num_seqs: int, dtype: str,
-            enforce_eager: bool, conn: Any) -> None:
+            enforce_eager: bool, conn: Any, block_size: int | None = None) -> None:
     """Holds one engine; answers ("run", prompts, params) with per-run totals."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
     spec = _spec_config(engine, heads, k)
     kwargs: dict[str, Any] = {"per_request_spec_decode_metrics": "summary"} if spec else {}
+    if block_size:
+        kwargs["block_size"] = block_size
     llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, dtype=dtype,
               max_num_seqs=max_num_seqs, speculative_config=spec, **kwargs)
     llm.generate(["Hello"] * 4, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
@@ -176,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=1024, help="engine max_model_len (default 1024)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="engine max_num_seqs (default 256)")
     ap.add_argument("--cuda-graphs", action="store_true", help="do not pass enforce_eager (GPU runs)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV cache block size of every engine (default: vLLM's; 128 on CPU). An EAGLE-style engine "
+                         "reuses a cached prompt one block short, so smaller blocks keep more of the samples' sharing")
     ap.add_argument("--engines", default=",".join(ENGINES), help=f"sweep engines (default {','.join(ENGINES)})")
     ap.add_argument("--domains", default="math,code,agentic", help="held-out prompt domains, mixed round-robin")
     ap.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"command": command, "machine": machine_info(), "sweep": [], "min_ratio": {}, "rollout": None,
                            "config": {"model": args.model, "heads": args.heads, "k": args.k, "dtype": args.dtype,
                                       "engines": sweep_engines, "sweep_max_tokens": args.sweep_max_tokens,
-                                      "repeats": args.repeats, "max_num_seqs": args.max_num_seqs, "quick": args.quick}}
+                                      "repeats": args.repeats, "block_size": args.block_size,
+                                      "max_num_seqs": args.max_num_seqs, "quick": args.quick}}
     t_start = time.perf_counter()
     planned = len(temps) * len(concurrencies) * bool(sweep_engines) + bool(rollout_engines)
     out = Path(args.out)
@@ -255,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, daemon=True,
                            args=(e, args.model, args.heads, args.k, args.max_model_len, args.max_num_seqs, args.dtype,
-                                 not args.cuda_graphs, child))
+                                 not args.cuda_graphs, child, args.block_size))
         proc.start()
         print(f"starting engine {e} ...", file=sys.stderr, flush=True)
         if parent.recv() != "ready":
