@@ -48,7 +48,7 @@ def _worker(engine: str, model: str, heads: str, dtype: str, conn: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from _results import write_results
-    from bench_throughput import _render_prompts
+    from bench_throughput import interleaved_prompts
 
     from bebop_vllm.hardware import fast_engine_dtype, machine_info
     from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     batches = [int(b) for b in args.batches.split(",")]
-    per_domain = -(-max(batches) // 3)
-    by_domain = _render_prompts(args.model, ["math", "code", "agentic"], per_domain, 400)
-    prompts = [by_domain[d][i] for i in range(per_domain) for d in ("math", "code", "agentic")]
+    prompts = interleaved_prompts(args.model, ["math", "code", "agentic"], max(batches), 400)
 
     t_start = time.perf_counter()
     ctx = mp.get_context("spawn")

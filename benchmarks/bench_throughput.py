@@ -123,6 +123,13 @@ def _render_prompts(model: str, domains: list[str], per_domain: int, max_prompt_
     return out
 
 
+def interleaved_prompts(model: str, domains: list[str], count: int, max_prompt_tokens: int) -> list[str]:
+    """``count`` held-out prompts, the domains taken in turn (math, code, agentic, math, ...)."""
+    per_domain = -(-count // len(domains))
+    by_domain = _render_prompts(model, domains, per_domain, max_prompt_tokens)
+    return [by_domain[d][i] for i in range(per_domain) for d in domains][:count]
+
+
 def _describe(machine: dict[str, Any] | str) -> str:
     """``describe_machine`` plus the load at start; results written before machine_info() hold a string."""
     if isinstance(machine, str):

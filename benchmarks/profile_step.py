@@ -66,15 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench_throughput import _render_prompts
+    from bench_throughput import interleaved_prompts
     from vllm import LLM, SamplingParams
 
     spec = spec_config(args.engine, args.heads, args.k)
     kwargs: dict[str, Any] = {"per_request_spec_decode_metrics": "summary"} if spec else {}
     llm = LLM(model=args.model, max_model_len=1024, enforce_eager=True, seed=0, dtype=dtype,
               max_num_seqs=max(args.batch, 8), speculative_config=spec, **kwargs)
-    by_domain = _render_prompts(args.model, ["math", "code", "agentic"], -(-args.batch // 3), 400)
-    prompts = [by_domain[d][i] for i in range(-(-args.batch // 3)) for d in ("math", "code", "agentic")][: args.batch]
+    prompts = interleaved_prompts(args.model, ["math", "code", "agentic"], args.batch, 400)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=args.temperature, seed=None)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up (and the step-cost calibration)
 
