@@ -101,14 +101,19 @@ def vocab_chains(
     pos = pos.clamp(max=length - 2)
     residual = torch.stack([outs[j][0, pos[:, j]] for j in range(num_depths)], dim=1)  # [N, g, H]
     normed = head.norm(residual)
-    draft_logits = (normed @ w.to(normed.dtype).T) / temperature
+    if temperature != 1.0:  # divide the [N, g, H] input, not the [N, g, |D|] logits
+        normed = normed / temperature
+    draft_logits = normed @ w.to(normed.dtype).T
     with torch.no_grad():
-        # depth j of chain t is scored against the target's distribution at position t + j
-        tpos = (starts[:, None] + depth[None, :]).clamp(max=length - 1)
-        first, last = int(tpos.min()), int(tpos.max())
-        z = (hidden[first : last + 1].float() @ w.float().T) / temperature
-        probs = torch.exp(z - log_normaliser[first : last + 1, None])
-        target_probs = probs[tpos - first]
+        # depth j of chain t is scored against the target's distribution at position t + j:
+        # rows t + 1 .. t + g of one [n, |D|] table, so target_probs is a strided view of it
+        # (no [N, g, |D|] gather); the g - 1 rows past the end repeat the last one (masked)
+        n, first = len(starts), int(starts[0]) + 1
+        table = torch.empty(n + num_depths - 1, w.shape[0])
+        z = (hidden[first:length].float() / temperature) @ w.float().T
+        torch.exp(z.sub_(log_normaliser[first:length, None]), out=table[:n])
+        table[n:] = table[n - 1]
+        target_probs = table.as_strided((n, num_depths, w.shape[0]), (w.shape[0], w.shape[0], 1))
         label_pos = starts[:, None] + depth[None, :] + 1
         ce_mask = mask & (label_pos <= length - 1)
         labels = tokens[label_pos.clamp(max=length - 1)]

@@ -46,7 +46,7 @@ class _Tally:
         self.tau_sum, self.tau_cnt = 0.0, 0
 
     def add(self, b: ChainBatch) -> None:
-        alpha = acceptance_rates(b.draft_logits.float(), b.target_probs).double()
+        alpha = acceptance_rates(b.draft_logits, b.target_probs).double()
         self.alpha_sum += torch.where(b.mask, alpha, 0.0).sum(0)
         self.alpha_cnt += b.mask.sum(0)
         full = b.mask.all(1)

@@ -264,7 +264,7 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
             (loss * share).backward()
             total_loss += loss.item() * share
             with torch.no_grad():
-                a = losses.acceptance_rates(b.draft_logits.detach().float(), b.target_probs)
+                a = losses.acceptance_rates(b.draft_logits.detach(), b.target_probs)
                 alpha_sum += torch.where(b.mask, a, 0.0).sum(0)
                 alpha_cnt += b.mask.sum(0)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip))
