@@ -39,12 +39,25 @@ from bench_throughput import _render_prompts, _spec_config  # noqa: E402
 
 ENGINES = ("none", "bebop", "bebop-auto")
 DEFAULT_CONCURRENCY = "1,2,4,8,16,32,64"
+
+
+def parse_engine(name: str) -> tuple[str, int | None]:
+    """``ENGINE`` or ``ENGINE:bN`` (the same engine with N-token KV cache blocks, so block sizes
+    can be compared side by side in one run) -> (engine, block size or None)."""
+    base, _, suffix = name.partition(":")
+    if base not in ENGINES or (suffix and not (suffix[:1] == "b" and suffix[1:].isdigit())):
+        raise ValueError(f"unknown engine {name!r}; choose from {ENGINES}, optionally with ':bN' (N-token KV blocks)")
+    return base, int(suffix[1:]) if suffix else None
+
+
 def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max_num_seqs: int, dtype: str,
             enforce_eager: bool, conn: Any, block_size: int | None = None) -> None:
     """Holds one engine; answers ("run", prompts, params) with per-run totals."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
+    engine, own_block_size = parse_engine(engine)
+    block_size = own_block_size or block_size
     spec = _spec_config(engine, heads, k)
     kwargs: dict[str, Any] = {"per_request_spec_decode_metrics": "summary"} if spec else {}
     if block_size:
@@ -125,14 +138,17 @@ def _markdown(res: dict[str, Any]) -> str:
     if res["rollout"]:
         r = res["rollout"]
         lines += [f"## (b) RL-shaped rollout: {r['prompts']} prompts x {r['samples']} samples, T = {r['temperature']}, "
-                  f"max_tokens {r['max_tokens']}, natural stops", "",
-                  "| engine | wall s (last sequence done) | tokens | speedup vs plain | drafts per token | "
+                  f"max_tokens {r['max_tokens']}, natural stops; median of {r.get('repeats', 1)} run(s) per engine, "
+                  "engines alternating", "",
+                  "| engine | wall s (last sequence done; every run) | tokens | speedup vs plain | drafts per token | "
                   "length p50 / p90 / max |", "|---|---|---|---|---|---|"]
         for e, v in r["engines"].items():
             ls = sorted(v["lengths"])
             pct = (f"{ls[len(ls) // 2]} / {ls[int(len(ls) * 0.9)]} / {ls[-1]}" if ls else "-")
             sp = "" if v.get("speedup") is None else f"{v['speedup']:.2f}x"
-            lines.append(f"| {e} | {v['seconds']:.1f} | {v['tokens']} | {sp} | {v['drafted_per_token']:.2f} | {pct} |")
+            runs = ", ".join(f"{x:.1f}" for x in v.get("seconds_runs", [v["seconds"]]))
+            lines.append(f"| {e} | {v['seconds']:.1f} ({runs}) | {v['tokens']} | {sp} | "
+                         f"{v['drafted_per_token']:.2f} | {pct} |")
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV cache block size of every engine (default: vLLM's; 128 on CPU). An EAGLE-style engine "
                          "reuses a cached prompt one block short, so smaller blocks keep more of the samples' sharing")
-    ap.add_argument("--engines", default=",".join(ENGINES), help=f"sweep engines (default {','.join(ENGINES)})")
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help=f"sweep engines (default {','.join(ENGINES)}); ENGINE:bN runs ENGINE with N-token KV blocks "
+                         "(e.g. bebop-auto:b32), to compare block sizes in one run")
     ap.add_argument("--domains", default="math,code,agentic", help="held-out prompt domains, mixed round-robin")
     ap.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
                     help=f"sweep concurrencies (default {DEFAULT_CONCURRENCY})")
@@ -197,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rollout-max-tokens", type=int, default=512, help="rollout: max_tokens (default 512)")
     ap.add_argument("--rollout-temperature", type=float, default=1.0, help="rollout: temperature (default 1.0)")
     ap.add_argument("--rollout-engines", default="none,bebop-auto",
-                    help="rollout engines (default none,bebop-auto; add bebop for fixed k)")
+                    help="rollout engines (default none,bebop-auto; add bebop for fixed k; ENGINE:bN as for --engines)")
+    ap.add_argument("--rollout-repeats", type=int, default=1,
+                    help="rollout: runs per engine, engines alternating, median wall time (default 1)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: concurrency 1,4,16 at T=1, 16 tokens; rollout 8 prompts x 2 samples, 64 tokens")
     ap.add_argument("--out", default="benchmarks/results/rollout", help="output prefix for .json/.md/.png")
@@ -215,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     sweep_engines = [e for e in args.engines.split(",") if e] if not args.skip_sweep else []
     rollout_engines = [e for e in args.rollout_engines.split(",") if e] if not args.skip_rollout else []
     for e in {*sweep_engines, *rollout_engines}:
-        if e not in ENGINES:
-            ap.error(f"unknown engine {e!r}; choose from {ENGINES}")
-    engines = [e for e in ENGINES if e in {*sweep_engines, *rollout_engines}]
+        try:
+            parse_engine(e)
+        except ValueError as exc:
+            ap.error(str(exc))
+    engines = list(dict.fromkeys([*sweep_engines, *rollout_engines]))
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
     domains = args.domains.split(",")
@@ -297,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [p for p in rollout_prompts for _ in range(args.rollout_samples)]
         params = {"temperature": args.rollout_temperature, "max_tokens": args.rollout_max_tokens}
         r = {"prompts": args.rollout_prompts, "samples": args.rollout_samples, "temperature": args.rollout_temperature,
-             "max_tokens": args.rollout_max_tokens, "engines": {}}
-        for e in rollout_engines:
-            raw = run(e, prompts, params)
-            r["engines"][e] = {**_summarise(raw), "lengths": raw["lengths"]}
-            print(f"rollout {e}: {raw['seconds']:.1f} s", file=sys.stderr, flush=True)
+             "max_tokens": args.rollout_max_tokens, "repeats": args.rollout_repeats, "engines": {}}
+        rollout_raws: dict[str, list[dict[str, Any]]] = {e: [] for e in rollout_engines}
+        for rep in range(args.rollout_repeats):  # engines take turns, in a rotating order
+            shift = rep % len(rollout_engines)
+            for e in rollout_engines[shift:] + rollout_engines[:shift]:
+                rollout_raws[e].append(run(e, prompts, params))
+                print(f"rollout {e}: {rollout_raws[e][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+        for e, raws in rollout_raws.items():
+            median_run = sorted(raws, key=lambda x: x["seconds"])[(len(raws) - 1) // 2]
+            r["engines"][e] = {**_summarise(median_run), "lengths": median_run["lengths"],
+                               "seconds_runs": [x["seconds"] for x in raws]}
         base = r["engines"].get("none", {}).get("seconds")
         for v in r["engines"].values():
             v["speedup"] = base / v["seconds"] if base else None

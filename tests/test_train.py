@@ -101,12 +101,32 @@ def test_resume_is_deterministic(setup: tuple[Path, Path], tmp_path: Path) -> No
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
+def test_end_at_step_replays_the_start_of_a_longer_schedule(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    # an 8-step schedule ended at step 4 (as a time budget would) = the first 4 steps of the 8-step
+    # run; a 4-step schedule (its cosine decays sooner) trains differently
+    def losses_of(history: list[dict]) -> list[float]:
+        return [h["loss"] for h in history if "loss" in h]
+
+    meta = train(_cfg(setup, tmp_path / "end", steps=8, end_at_step=4, warmup_steps=1))
+    assert meta is not None and meta.train_steps == 4
+    assert train(_cfg(setup, tmp_path / "stop", steps=8, stop_after=4, warmup_steps=1)) is None
+    stopped = torch.load(tmp_path / "stop" / "train_state.pt", weights_only=False)["history"]
+    train(_cfg(setup, tmp_path / "short", steps=4, warmup_steps=1))
+    ended = json.loads((tmp_path / "end" / "train_log.json").read_text())["history"]
+    short = json.loads((tmp_path / "short" / "train_log.json").read_text())["history"]
+    assert len(losses_of(ended)) == 4 and losses_of(ended) == losses_of(stopped)
+    assert losses_of(ended) != losses_of(short)
+
+
 def test_cli_refuses_bad_input(setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     target, data = setup
     assert (
         main(["train", "--out", str(tmp_path / "x"), "--depth", "0", "--model", str(target), "--data", str(data)]) == 1
     )
     assert "--depth must be at least 1, got 0" in capsys.readouterr().err
+    bad_end = ["train", "--out", str(tmp_path / "x"), "--steps", "5", "--end-at-step", "6"]
+    assert main([*bad_end, "--model", str(target), "--data", str(data)]) == 1
+    assert "--end-at-step must be in 1..--steps (5), got 6" in capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "x"), "--model", str(target), "--data", str(tmp_path / "none")]) == 1
     assert "run `bebop generate-data` first" in capsys.readouterr().err
     assert (
@@ -246,3 +266,23 @@ def test_vocab_chains_score_the_exact_target_mass_inside_the_vocabulary(setup: t
     assert torch.equal(sub.ce_mask, inside)
     assert torch.equal(ids[sub.target_ids[inside]], full.target_ids[inside])
 
+
+
+def test_make_heads_chains_its_stages() -> None:
+    import argparse
+
+    from bebop_vllm.commands.make_heads import commands
+
+    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,e2e-tv")
+    plan = dict(commands(args))
+    assert list(plan) == ["kl", "kl-all", "e2e-tv"]
+
+    def flag(argv: list[str], name: str) -> str | None:
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    assert flag(plan["kl"], "--init-from") is None  # the identity start
+    assert flag(plan["kl-all"], "--init-from") == flag(plan["kl"], "--out") == "heads/x-kl"
+    assert flag(plan["e2e-tv"], "--init-from") == flag(plan["kl-all"], "--out") == "heads/x-kl-all"
+    assert flag(plan["e2e-tv"], "--out") == "heads/x"
+    with pytest.raises(BebopError, match="unknown stage"):
+        commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))

@@ -5,7 +5,9 @@ Stages (each one resumable on its own, so a rerun continues where the last run s
 1. held-out data: vLLM samples the held-out prompts (evaluation only, never trained on);
 2. train data: vLLM samples the train prompts of the three domains (``RECIPE.train_data``);
 3. target pass: the target's hidden states, log-normalisers and per-token mass, cached once;
-4. KL training from the identity start, over the probability-ranked draft vocabulary;
+4. KL training from the identity start, over the probability-ranked draft vocabulary, on the
+   first 2,600 train sequences (``kl``), then continued on all of them (``kl-all``): the order
+   the shipped heads were made in, one work session each;
 5. e2e-TV fine-tune of the KL heads (the paper's loss as a fine-tuning objective);
 6. the heads folder (weights, ``draft_vocab.json``, metadata with held-out alpha per depth,
    ``train_log.json``, ``learning_curve.png``).
@@ -40,8 +42,13 @@ class Recipe:
         "--samples-per-prompt", "code=8", "--max-num-seqs", "256", "--chunk", "512",
     )  # fmt: skip
     kl: tuple[str, ...] = (
-        "--loss", "kl", "--steps", "640", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
-        "--lr", "2e-3", "--warmup-steps", "30", "--eval-every", "80", "--eval-sequences", "24",
+        "--loss", "kl", "--steps", "900", "--end-at-step", "801", "--chains-per-step", "1024",
+        "--draft-vocab-size", "8192", "--lr", "2e-3", "--warmup-steps", "30", "--eval-every", "100",
+        "--eval-sequences", "24", "--max-train-sequences", "2600",
+    )  # fmt: skip
+    kl_all: tuple[str, ...] = (
+        "--loss", "kl", "--steps", "2200", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
+        "--lr", "1e-3", "--warmup-steps", "20", "--eval-every", "200", "--eval-sequences", "24", "--seed", "2",
     )  # fmt: skip
     e2e_tv: tuple[str, ...] = (
         "--loss", "e2e-tv", "--steps", "170", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
@@ -62,15 +69,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
         "pass, KL training from the identity start, an e2e-TV fine-tune. Every stage is resumable: rerun the "
         "same command after an interruption. Data and caches go to --data (default "
-        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl, the final heads to OUT.",
+        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl and OUT-kl-all, the final heads to OUT.",
     )
-    p.add_argument("--out", type=Path, required=True, help="final heads folder (the KL stage writes OUT-kl)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="final heads folder (the KL stages write OUT-kl and OUT-kl-all)")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
     p.add_argument("--model", type=Path, default=None, help="target model folder (default: the fetched default)")
     p.add_argument(
         "--stages",
-        default="heldout,train-data,kl,e2e-tv",
-        help="comma-separated stages to run, in order (default: heldout,train-data,kl,e2e-tv)",
+        default="heldout,train-data,kl,kl-all,e2e-tv",
+        help="comma-separated stages to run, in order (default: heldout,train-data,kl,kl-all,e2e-tv)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     return p
@@ -79,13 +87,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     common = [*(["--model", str(args.model)] if args.model else []), *(["--data", str(args.data)] if args.data else [])]
     gen = [*(["--model", str(args.model)] if args.model else []), *(["--out", str(args.data)] if args.data else [])]
-    kl_dir = Path(f"{args.out}-kl")
+    kl_dir, kl_all_dir = Path(f"{args.out}-kl"), Path(f"{args.out}-kl-all")
     plan = {
         "heldout": ["generate-data", *gen, *RECIPE.heldout_data],
         "train-data": ["generate-data", *gen, *RECIPE.train_data],
         "kl": ["train", *common, "--out", str(kl_dir), "--resume", *RECIPE.kl],
-        "e2e-tv": ["train", *common, "--out", str(args.out), "--resume", "--init-from", str(kl_dir), *RECIPE.e2e_tv],
-    }
+        "kl-all": ["train", *common, "--out", str(kl_all_dir), "--resume", "--init-from", str(kl_dir), *RECIPE.kl_all],
+        "e2e-tv": [
+            "train", *common, "--out", str(args.out), "--resume", "--init-from", str(kl_all_dir), *RECIPE.e2e_tv,
+        ],
+    }  # fmt: skip
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in plan]
     if unknown:

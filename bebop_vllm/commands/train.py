@@ -106,6 +106,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="stop training after this many minutes, then run the final eval and save (default: none)",
     )
     p.add_argument(
+        "--end-at-step",
+        type=int,
+        default=None,
+        help="end training at this step (then the final eval and save) while the learning-rate schedule is "
+        "planned for --steps: replays a run that a time budget ended early (default: --steps)",
+    )
+    p.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -132,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("depth", "steps", "chains_per_step", "eval_every", "eval_sequences", "save_every"):
         if getattr(args, name) < 1:
             raise BebopError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.end_at_step is not None and not 1 <= args.end_at_step <= args.steps:
+        raise BebopError(f"--end-at-step must be in 1..--steps ({args.steps}), got {args.end_at_step}")
     temps = tuple(args.temperature) if args.temperature else None
     if args.lr <= 0 or args.eval_temperature <= 0 or any(t <= 0 for t in temps or ()):
         raise BebopError(
@@ -166,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         resume=args.resume,
         time_budget_min=args.time_budget_min,
+        end_at_step=args.end_at_step,
         train_on_prompts=args.train_on_prompts,
         stop_after=args.stop_after,
         init_from=args.init_from,

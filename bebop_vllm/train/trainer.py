@@ -79,6 +79,7 @@ class TrainConfig:
     resume: bool = False
     train_on_prompts: bool = False  # also train chains inside the prompt (target p is exact there too)
     time_budget_min: float | None = None  # end training (then final eval + save) after this many minutes
+    end_at_step: int | None = None  # end training (then final eval + save) at this step; schedule still ``steps``
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
     init_from: Path | None = None  # heads folder to start from instead of the identity start
     target_pass: bool = True  # False: train only on train sequences whose target pass is cached
@@ -240,6 +241,9 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     while step < cfg.steps:
         if cfg.time_budget_min is not None and time.time() - t_start > 60 * cfg.time_budget_min:
             tqdm.write(f"time budget of {cfg.time_budget_min} min reached at step {step}/{cfg.steps}")
+            break
+        if cfg.end_at_step is not None and step >= cfg.end_at_step:
+            tqdm.write(f"ending at step {step}/{cfg.steps} (--end-at-step)")
             break
         # whole sequences from a per-epoch shuffle until the step holds chains_per_step chains;
         # ``cursor`` counts sequences consumed, so a resumed run continues with the same batches
