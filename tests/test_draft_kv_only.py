@@ -18,16 +18,14 @@ Prefill passes (many tokens per request) and decode passes (1 + accepted tokens)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from engine_subprocess import run_engine_script
 
 pytestmark = pytest.mark.slow  # starts a vLLM engine (subprocess)
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "List three prime numbers:"]
 
 
@@ -104,12 +102,7 @@ def test_kv_only_pass_writes_the_full_pass_cache(tmp_path):
     from bebop_vllm.paths import SHIPPED_HEADS_DIR
 
     out = tmp_path / "checks.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run([sys.executable, __file__, str(SHIPPED_HEADS_DIR), str(out)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"engine failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    checks = json.loads(out.read_text())
+    checks = run_engine_script(__file__, [str(SHIPPED_HEADS_DIR), str(out)], out, timeout=900, label="engine")
     assert len(checks) >= 4, checks  # a prefill pass and several decode passes
     assert any(c["tokens"] > len(PROMPTS) for c in checks), "no prefill pass was checked"
     for c in checks:

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from engine_subprocess import run_engine_script
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 
-REPO = Path(__file__).resolve().parent.parent
 NUM_SPEC = 3
 TV_TOL = 0.005  # float32 on both sides (see the module docstring)
 CONTROL_MIN = 50 * TV_TOL
@@ -99,12 +98,8 @@ def parity(tmp_path_factory):
         heads = init_random_heads(_model_dir(), tmp / "heads", num_depths=NUM_SPEC, seed=0)
     other = init_random_heads(_model_dir(), tmp / "other", num_depths=NUM_SPEC, seed=1)
     out = tmp / "records.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run([sys.executable, __file__, str(heads), str(out)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"parity engine failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return heads, other, json.loads(out.read_text())
+    records = run_engine_script(__file__, [str(heads), str(out)], out, timeout=900, label="parity engine")
+    return heads, other, records
 
 
 def _tv(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -13,18 +13,16 @@ claim needs a benchmark, not a test).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
+from engine_subprocess import run_engine_script
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -84,15 +82,8 @@ def _worker(out_path: str) -> None:
 
 def _run(name: str, tmp: Path, plugins: str | None) -> dict:
     out = tmp / f"{name}.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env.pop("VLLM_PLUGINS", None)
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"{name} engine failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return run_engine_script(__file__, [str(out)], out, timeout=900, label=f"{name} engine",
+                             env={"VLLM_PLUGINS": plugins})  # None: unset, every installed plugin loads
 
 
 @pytest.fixture(scope="module")

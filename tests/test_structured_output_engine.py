@@ -21,17 +21,15 @@ test (tests/heads_under_test.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from engine_subprocess import run_engine_script
 from heads_under_test import heads_under_test
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 
-REPO = Path(__file__).resolve().parent.parent
 MAX_MODEL_LEN = 512
 NUM_SPEC = 3
 MAX_TOKENS = 96
@@ -111,14 +109,7 @@ def _model_dir() -> Path:
 
 def _run_engine(engine: str, heads: str, tmp: Path) -> dict:
     out = tmp / f"{engine}.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run(
-        [sys.executable, __file__, engine, heads, str(out)], env=env, cwd=REPO,
-        capture_output=True, text=True, timeout=1500,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"{engine} engine failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(out.read_text())
+    return run_engine_script(__file__, [engine, heads, str(out)], out, timeout=1500, label=f"{engine} engine")
 
 
 @pytest.fixture(scope="module")
