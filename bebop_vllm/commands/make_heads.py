@@ -51,8 +51,8 @@ class Recipe:
         "--lr", "1e-3", "--warmup-steps", "20", "--eval-every", "200", "--eval-sequences", "24", "--seed", "2",
     )  # fmt: skip
     e2e_tv: tuple[str, ...] = (
-        "--loss", "e2e-tv", "--steps", "170", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
-        "--lr", "5e-4", "--warmup-steps", "10", "--eval-every", "85", "--eval-sequences", "24", "--seed", "1",
+        "--loss", "e2e-tv", "--steps", "250", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
+        "--lr", "5e-4", "--warmup-steps", "10", "--eval-every", "125", "--eval-sequences", "24", "--seed", "1",
     )  # fmt: skip
     env: dict[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "6", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
