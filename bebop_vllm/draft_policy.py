@@ -27,9 +27,13 @@ steps add successes (accepted drafts) and failures (the first rejected draft), d
 The step-cost model is calibrated on bare forward passes; a real step also pays the scheduler, the
 sampler and verifier, the proposer's bookkeeping and attention over long contexts, and these do
 not scale the same way for drafting and plain steps. :class:`StepTimeCorrection` measures each
-step's wall time against the model's prediction and keeps the observed/predicted ratio per batch
-size (powers of two) for drafting and for plain steps; the planner multiplies the model by these
-ratios, so a batch where drafting costs more than calibrated stops drafting after a few steps.
+step's wall time against the model's prediction, per batch size (powers of two): for plain steps
+the observed/predicted ratio, for drafting steps the ratio of the part a drafting step costs on
+top of the plain step (its marginal cost: extra verified tokens and draft depths, which the bare
+calibration underestimates most, e.g. attention of multi-token queries over long contexts). The
+planner scales the model's plain part and extra part by these ratios, so a batch where drafting
+costs more than calibrated stops drafting after a few steps, and a step with one draft per request
+is not charged the extra cost of three.
 
 Exactness is untouched: rejection sampling is exact for any number of drafts per request, so the
 policy changes speed only, never the output distribution.
@@ -166,15 +170,20 @@ class AcceptanceEstimate:
 class StepTimeCorrection:
     """Observed / predicted step seconds, an exponential average per (batch bucket, drafting).
 
-    Buckets are powers of two of the batch size (1, 2-3, 4-7, ...). :meth:`factor` uses a
-    bucket once it has ``min_steps`` observations, else the nearest bucket of the same kind
-    that has, else 1 (trust the calibrated model). Ratios are clipped to [1/``max_ratio``,
-    ``max_ratio``] so one stalled step (a page fault, another process) cannot switch drafting off.
+    Plain steps keep observed / predicted. Drafting steps keep the ratio of their extra part:
+    (observed - plain ratio * base) / (predicted - base), where base is the model's plain step
+    for the same batch; so :meth:`corrected` prices a candidate step as plain ratio * base +
+    drafting ratio * (its predicted cost - base). Buckets are powers of two of the batch size (1,
+    2-3, 4-7, ...). :meth:`factor` uses a bucket once it has ``min_steps`` observations, else the
+    nearest bucket of the same kind that has, else 1 (trust the calibrated model). Ratios are
+    clipped to [1/``max_ratio``, ``max_ratio``] (``max_extra_ratio`` for the extra part) so one
+    stalled step (a page fault, another process) cannot switch drafting off.
     """
 
     weight: float = 0.2  # weight of the newest step in the average
     min_steps: int = 3
     max_ratio: float = 4.0
+    max_extra_ratio: float = 10.0  # the extra part: the bare calibration can miss most of it
     max_probes: int = 12  # probe steps per (bucket, kind): a kind that cannot be observed stops being probed
     ratios: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)
     probes: dict[tuple[int, bool], int] = field(default_factory=dict)
@@ -183,10 +192,16 @@ class StepTimeCorrection:
     def bucket(batch: int) -> int:
         return max(int(batch), 1).bit_length()
 
-    def observe(self, batch: int, drafting: bool, predicted_s: float, observed_s: float) -> None:
+    def observe(self, batch: int, drafting: bool, predicted_s: float, observed_s: float, base_s: float) -> None:
+        """One decode-only step: the model's prediction for it, its wall time, and the model's
+        plain step for the same batch (``base_s``; equal to ``predicted_s`` for a plain step)."""
         if predicted_s <= 0 or observed_s <= 0 or batch <= 0:
             return
-        r = min(max(observed_s / predicted_s, 1.0 / self.max_ratio), self.max_ratio)
+        if drafting and 0 < base_s < predicted_s:
+            r = (observed_s - self.factor(batch, False) * base_s) / (predicted_s - base_s)
+            r = min(max(r, 1.0 / self.max_ratio), self.max_extra_ratio)
+        else:
+            r = min(max(observed_s / predicted_s, 1.0 / self.max_ratio), self.max_ratio)
         key = (self.bucket(batch), bool(drafting))
         old, n = self.ratios.get(key, (r, 0))
         w = max(self.weight, 1.0 / (n + 1))  # plain mean for the first steps, then exponential
@@ -220,10 +235,19 @@ class StepTimeCorrection:
         self.probes[(b, other)] = self.probes.get((b, other), 0) + 1
         return other
 
-    def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int) -> Callable[[Any, int], Any]:
-        """``step_seconds`` times the plain-step factor (depths = 0) or the drafting factor."""
-        plain, drafting = self.factor(batch, False), self.factor(batch, True)
-        return lambda num_tokens, depths: step_seconds(num_tokens, depths) * (drafting if depths > 0 else plain)
+    def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int,
+                  base_tokens: int) -> Callable[[Any, int], Any]:
+        """``step_seconds`` with its plain part (the plain step on ``base_tokens``) scaled by the
+        plain factor and the rest of a drafting step by the drafting factor."""
+        plain, extra = self.factor(batch, False), self.factor(batch, True)
+        base = step_seconds(base_tokens, 0)
+
+        def corrected(num_tokens: Any, depths: int) -> Any:
+            if depths <= 0:
+                return step_seconds(num_tokens, depths) * plain
+            return base * plain + (step_seconds(num_tokens, depths) - base) * extra
+
+        return corrected
 
     def summary(self) -> str:
         return " ".join(f"{'draft' if d else 'plain'}@{1 << (b - 1)}+:{r:.2f}(n={n})"

@@ -118,6 +118,13 @@ def test_interpolation_and_step_seconds():
     assert k3 == pytest.approx(8.0 + 0.2 + depth_costs)
     assert model.for_batch(4)(16, 3) == k3
     assert "target [1:1000.00" in model.summary()
+    # a dip in a measured curve is flattened: more tokens never cost less
+    dipped = StepCostModel(target=[(1, 1.0), (64, 0.083), (128, 0.147), (256, 0.12), (512, 0.209)],
+                           draft_pass=[(1, 0.1)], draft_head=[(1, 0.1)], draft_forward=[(1, 0.1)])
+    assert [y for _, y in dipped.target] == [1.0, 1.0, 1.0, 1.0, 1.0]
+    dipped = StepCostModel(target=[(1, 0.02), (64, 0.083), (128, 0.147), (256, 0.12), (512, 0.209)],
+                           draft_pass=[(1, 0.1)], draft_head=[(1, 0.1)], draft_forward=[(1, 0.1)])
+    assert [y for _, y in dipped.target] == [0.02, 0.083, 0.147, 0.147, 0.209]
 
 
 def test_model_json_round_trip_and_validation(tmp_path):
@@ -375,36 +382,65 @@ def test_vectorised_costs_match_scalar_ones():
 def test_step_time_correction_averages_per_bucket_and_kind():
     from bebop_vllm.draft_policy import StepTimeCorrection
 
+    # base_s = 0: no plain part to separate, so drafting steps keep their whole-step ratio here
     c = StepTimeCorrection(min_steps=3)
     for _ in range(2):
-        c.observe(16, True, predicted_s=0.1, observed_s=0.2)
+        c.observe(16, True, predicted_s=0.1, observed_s=0.2, base_s=0.0)
     assert c.factor(16, True) == 1.0  # fewer than min_steps: trust the model
-    c.observe(16, True, 0.1, 0.2)
+    c.observe(16, True, 0.1, 0.2, 0.0)
     assert c.factor(16, True) == pytest.approx(2.0)
     assert c.factor(16, False) == pytest.approx(2.0)  # plain steps not measured yet: the drafting ratio
     for _ in range(3):
-        c.observe(16, False, 0.1, 0.1)
+        c.observe(16, False, 0.1, 0.1, 0.1)
     assert c.factor(16, False) == pytest.approx(1.0)  # plain steps are their own kind once measured
     assert c.factor(31, True) == pytest.approx(2.0)  # same bucket (16-31)
     assert c.factor(2, True) == pytest.approx(2.0)  # nearest bucket with data
     for _ in range(3):
-        c.observe(2, True, 0.1, 0.1)
+        c.observe(2, True, 0.1, 0.1, 0.0)
     assert c.factor(2, True) == pytest.approx(1.0) and c.factor(16, True) == pytest.approx(2.0)
-    c.observe(64, False, 0.1, 100.0)  # one stalled step is clipped
+    c.observe(64, False, 0.1, 100.0, 0.1)  # one stalled step is clipped
     assert c.ratios[(c.bucket(64), False)][0] <= c.max_ratio
-    c.observe(64, False, 0.0, 1.0)  # nonsense input is ignored
+    c.observe(64, False, 0.0, 1.0, 0.0)  # nonsense input is ignored
     assert c.ratios[(c.bucket(64), False)][1] == 1
-    step = c.corrected(lambda n, k: 1.0, 16)
-    assert step(20, 0) == pytest.approx(1.0) and step(20, 2) == pytest.approx(2.0)
     probing = StepTimeCorrection(min_steps=2, max_probes=3)
     assert probing.probe(8, True) is None  # nothing measured: follow the plan
-    probing.observe(8, True, 1.0, 1.0)
-    probing.observe(8, True, 1.0, 1.0)
+    probing.observe(8, True, 1.0, 1.0, 0.0)
+    probing.observe(8, True, 1.0, 1.0, 0.0)
     assert [probing.probe(8, True) for _ in range(4)] == [False, False, False, None]  # capped
     uniform = StepTimeCorrection(min_steps=1)
-    uniform.observe(16, False, 1.0, 0.25)  # a model 4x too slow for plain steps...
-    step = uniform.corrected(lambda n, k: 1.0, 16)
-    assert step(20, 2) / step(16, 0) == pytest.approx(1.0)  # ...is assumed 4x too slow for drafting too
+    uniform.observe(16, False, 1.0, 0.25, 1.0)  # a model 4x too slow for plain steps...
+    step = uniform.corrected(lambda n, k: n / 16 + 0.1 * k, 16, 16)
+    assert step(20, 2) == pytest.approx(0.25 * (20 / 16 + 0.2))  # ...is assumed 4x too slow for drafting too
+
+
+def test_step_time_correction_prices_the_extra_part_of_a_drafting_step():
+    """Measured: plain steps as predicted, a k = 3 step 2.5 s where the model says 1.5 s (plain
+    part 1 s): the extra part costs 3x its prediction. A k = 1 step (model 1.2 s) is then priced
+    1 + 3 * 0.2 = 1.6 s, not 1.2 * 2.5 / 1.5 = 2.0 s as one whole-step ratio would."""
+    from bebop_vllm.draft_policy import StepTimeCorrection
+
+    def model(n, k):  # noqa: ANN001, ANN202
+        return 1.0 + {0: 0.0, 1: 0.2, 3: 0.5}[k]  # tokens do not matter in this toy model
+
+    c = StepTimeCorrection(min_steps=3)
+    for _ in range(3):
+        c.observe(16, False, model(16, 0), 1.0, model(16, 0))
+        c.observe(16, True, model(64, 3), 2.5, model(16, 0))
+    assert c.factor(16, False) == pytest.approx(1.0) and c.factor(16, True) == pytest.approx(3.0)
+    step = c.corrected(model, 16, 16)
+    assert step(16, 0) == pytest.approx(1.0)
+    assert step(64, 3) == pytest.approx(2.5)
+    assert step(32, 1) == pytest.approx(1.6)
+    # the plain part is scaled by the plain ratio: plain steps 2x slower than predicted
+    slow = StepTimeCorrection(min_steps=1)
+    slow.observe(16, False, 1.0, 2.0, 1.0)
+    slow.observe(16, True, 1.5, 3.5, 1.0)  # (3.5 - 2 * 1) / 0.5 = 3
+    assert slow.factor(16, True) == pytest.approx(3.0)
+    assert slow.corrected(model, 16, 16)(64, 3) == pytest.approx(2.0 + 3.0 * 0.5)
+    # a stalled drafting step is clipped at max_extra_ratio
+    stalled = StepTimeCorrection(min_steps=1)
+    stalled.observe(16, True, 1.5, 100.0, 1.0)
+    assert stalled.factor(16, True) == pytest.approx(stalled.max_extra_ratio)
 
 
 def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated():
@@ -437,7 +473,8 @@ def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated()
     # measured; from then on the corrected model says plain: no more drafting, no more probes
     assert kinds[:3] == [True] * 3 and not any(kinds[3:])
     assert out.num_spec_tokens_to_schedule == 0
-    assert planner.correction.factor(16, True) == pytest.approx(2.0)
+    # whole drafting steps took 2x: their extra part (over the plain step) took more than 2x
+    assert planner.correction.factor(16, True) > 2.0
     assert planner.correction.factor(16, False) == pytest.approx(1.0)
     assert planner.correction.probes == {(planner.correction.bucket(16), False): 3}
     # a prefill in the step: not observed

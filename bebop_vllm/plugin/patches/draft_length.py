@@ -125,7 +125,7 @@ class DraftPlanner:
             from bebop_vllm.draft_policy import plan_draft_lengths
 
             alphas = [self.estimate(r).alpha(self.fit) for r in req_ids]
-            step_seconds = self.correction.corrected(self.cost.for_batch(len(req_ids)), len(req_ids))
+            step_seconds = self.correction.corrected(self.cost.for_batch(len(req_ids)), len(req_ids), base)
             lengths = list(plan_draft_lengths(alphas, self.max_k, step_seconds,
                                               base_tokens=base, min_gain=self.min_gain,
                                               eligible=eligible).lengths)
@@ -168,7 +168,8 @@ class DraftPlanner:
             return
         depths = int(scheduler_output.num_spec_tokens_to_schedule or 0)
         predicted = float(self.cost.step_seconds(tokens, depths, batch))
-        self.correction.observe(batch, drafts > 0 or depths > 0, predicted, arrived_at - started)
+        base = float(self.cost.step_seconds(batch, 0, batch))
+        self.correction.observe(batch, drafts > 0 or depths > 0, predicted, arrived_at - started, base)
 
     def forget_finished(self, live: Any) -> None:
         for req_id in [r for r in self.estimates if r not in live]:
