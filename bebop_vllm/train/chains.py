@@ -109,7 +109,7 @@ def vocab_chains(
         # rows t + 1 .. t + g of one [n, |D|] table, so target_probs is a strided view of it
         # (no [N, g, |D|] gather); the g - 1 rows past the end repeat the last one (masked)
         n, first = len(starts), int(starts[0]) + 1
-        table = torch.empty(n + num_depths - 1, w.shape[0])
+        table = torch.empty(n + num_depths - 1, w.shape[0], device=hidden.device)
         z = (hidden[first:length].float() / temperature) @ w.float().T
         torch.exp(z.sub_(log_normaliser[first:length, None]), out=table[:n])
         table[n:] = table[n - 1]
