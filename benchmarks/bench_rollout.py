@@ -50,6 +50,12 @@ def parse_engine(name: str) -> tuple[str, int | None]:
     return base, int(suffix[1:]) if suffix else None
 
 
+def in_turn(engines: list[str], turn: int) -> list[str]:
+    """``engines`` rotated by ``turn``: runs alternate their order, so machine load hits all alike."""
+    shift = turn % len(engines)
+    return engines[shift:] + engines[:shift]
+
+
 def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max_num_seqs: int, dtype: str,
             enforce_eager: bool, conn: Any, block_size: int | None = None) -> None:
     """Holds one engine; answers ("run", prompts, params) with per-run totals."""
@@ -300,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             params = {"temperature": t, "max_tokens": args.sweep_max_tokens, "ignore_eos": True}
             raws: dict[str, list[dict[str, Any]]] = {e: [] for e in sweep_engines}
             for rep in range(args.repeats):  # engines take turns, in a rotating order
-                shift = (n_cell + rep) % len(sweep_engines)
-                for e in sweep_engines[shift:] + sweep_engines[:shift]:
+                for e in in_turn(sweep_engines, n_cell + rep):
                     raws[e].append(run(e, sweep_prompts[:c], params))
             cell = {"temperature": t, "concurrency": c, "engines": {e: _summarise_repeats(raws[e])
                                                                     for e in sweep_engines}}
@@ -322,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
              "max_tokens": args.rollout_max_tokens, "repeats": args.rollout_repeats, "engines": {}}
         rollout_raws: dict[str, list[dict[str, Any]]] = {e: [] for e in rollout_engines}
         for rep in range(args.rollout_repeats):  # engines take turns, in a rotating order
-            shift = rep % len(rollout_engines)
-            for e in rollout_engines[shift:] + rollout_engines[:shift]:
+            for e in in_turn(rollout_engines, rep):
                 rollout_raws[e].append(run(e, prompts, params))
                 print(f"rollout {e}: {rollout_raws[e][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
         for e, raws in rollout_raws.items():
