@@ -30,10 +30,11 @@ not scale the same way for drafting and plain steps. :class:`StepTimeCorrection`
 step's wall time against the model's prediction, per batch size (powers of two): for plain steps
 the observed/predicted ratio, for drafting steps the ratio of the part a drafting step costs on
 top of the plain step (its marginal cost: extra verified tokens and draft depths, which the bare
-calibration underestimates most, e.g. attention of multi-token queries over long contexts). The
-planner scales the model's plain part and extra part by these ratios, so a batch where drafting
-costs more than calibrated stops drafting after a few steps, and a step with one draft per request
-is not charged the extra cost of three.
+calibration underestimates most, e.g. attention of multi-token queries over long contexts), each
+a decayed least-squares fit so that steps with a tiny extra part cannot swing it. The planner
+scales the model's plain part and extra part by these ratios, so a batch where drafting costs more
+than calibrated stops drafting after a few steps, and a step with one draft per request is not
+charged the extra cost of three.
 
 Exactness is untouched: rejection sampling is exact for any number of drafts per request, so the
 policy changes speed only, never the output distribution.
@@ -168,25 +169,31 @@ class AcceptanceEstimate:
 
 @dataclass
 class StepTimeCorrection:
-    """Observed / predicted step seconds, an exponential average per (batch bucket, drafting).
+    """Observed / predicted step seconds, a decayed least-squares fit per (batch bucket, drafting).
 
-    Plain steps keep observed / predicted. Drafting steps keep the ratio of their extra part:
-    (observed - plain ratio * base) / (predicted - base), where base is the model's plain step
-    for the same batch; so :meth:`corrected` prices a candidate step as plain ratio * base +
-    drafting ratio * (its predicted cost - base). Buckets are powers of two of the batch size (1,
-    2-3, 4-7, ...). :meth:`factor` uses a bucket once it has ``min_steps`` observations, else the
-    nearest bucket of the same kind that has, else 1 (trust the calibrated model). Ratios are
-    clipped to [1/``max_ratio``, ``max_ratio``] (``max_extra_ratio`` for the extra part) so one
-    stalled step (a page fault, another process) cannot switch drafting off.
+    Plain steps fit observed = r * predicted. Drafting steps fit the part they cost on top of the
+    plain step: observed - (plain r) * base = r * (predicted - base), where base is the model's
+    plain step for the same batch; so :meth:`corrected` prices a candidate step as plain r * base +
+    drafting r * (its predicted cost - base). The fit is the ratio of decayed sums,
+    r = sum w x y / sum w x^2 (x predicted, y observed), not a mean of per-step ratios: a drafting
+    step with one draft has an extra part of a fraction of a millisecond, and its timing noise
+    divided by that would swing a per-step ratio by several x; weighted by x^2 such a step barely
+    moves the fit while steps whose extra part is large (the ones the plan is about) decide it.
+    Buckets are powers of two of the batch size (1, 2-3, 4-7, ...). :meth:`factor` uses a bucket
+    once it has ``min_steps`` observations, else the nearest bucket of the same kind that has,
+    else 1 (trust the calibrated model). Each step's observation is clipped to
+    [1/``max_ratio``, ``max_ratio``] times its prediction (``max_extra_ratio`` for the extra
+    part) so one stalled step (a page fault, another process) cannot switch drafting off.
     """
 
-    weight: float = 0.2  # weight of the newest step in the average
+    weight: float = 0.2  # weight of the newest step in the decayed sums
     min_steps: int = 3
     max_ratio: float = 4.0
     max_extra_ratio: float = 10.0  # the extra part: the bare calibration can miss most of it
     max_probes: int = 12  # probe steps per (bucket, kind): a kind that cannot be observed stops being probed
-    ratios: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)
+    ratios: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)  # (fitted r, steps seen)
     probes: dict[tuple[int, bool], int] = field(default_factory=dict)
+    sums: dict[tuple[int, bool], tuple[float, float]] = field(default_factory=dict)  # (sum w x y, sum w x^2)
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -198,14 +205,18 @@ class StepTimeCorrection:
         if predicted_s <= 0 or observed_s <= 0 or batch <= 0:
             return
         if drafting and 0 < base_s < predicted_s:
-            r = (observed_s - self.factor(batch, False) * base_s) / (predicted_s - base_s)
-            r = min(max(r, 1.0 / self.max_ratio), self.max_extra_ratio)
+            x = predicted_s - base_s
+            y = min(max(observed_s - self.factor(batch, False) * base_s, x / self.max_ratio), x * self.max_extra_ratio)
         else:
-            r = min(max(observed_s / predicted_s, 1.0 / self.max_ratio), self.max_ratio)
+            x = predicted_s
+            y = min(max(observed_s, x / self.max_ratio), x * self.max_ratio)
         key = (self.bucket(batch), bool(drafting))
-        old, n = self.ratios.get(key, (r, 0))
-        w = max(self.weight, 1.0 / (n + 1))  # plain mean for the first steps, then exponential
-        self.ratios[key] = ((1.0 - w) * old + w * r, n + 1)
+        n = self.ratios.get(key, (1.0, 0))[1]
+        sxy, sxx = self.sums.get(key, (0.0, 0.0))
+        w = max(self.weight, 1.0 / (n + 1))  # equal weights for the first steps, then exponential decay
+        sxy, sxx = (1.0 - w) * sxy + w * x * y, (1.0 - w) * sxx + w * x * x
+        self.sums[key] = (sxy, sxx)
+        self.ratios[key] = (sxy / sxx, n + 1)
 
     def factor(self, batch: int, drafting: bool) -> float:
         """The ratio for this kind of step at the nearest measured batch bucket; a kind never

@@ -443,6 +443,27 @@ def test_step_time_correction_prices_the_extra_part_of_a_drafting_step():
     assert stalled.factor(16, True) == pytest.approx(stalled.max_extra_ratio)
 
 
+def test_step_time_correction_is_not_swung_by_steps_with_a_tiny_extra_part():
+    """The extra part is fitted by least squares (sum x y / sum x^2), not as a mean of per-step
+    ratios: steps drafting 3 tokens per request (extra part 0.5 s predicted, 1.0 s observed:
+    ratio 2) decide it; a step drafting one token (extra part 0.01 s predicted) that ran 0.1 s
+    slower from timing noise (per-step ratio 10) barely moves it. A mean of ratios with the same
+    weight would have moved to 0.8 * 2 + 0.2 * 10 = 3.6."""
+    from bebop_vllm.draft_policy import StepTimeCorrection
+
+    c = StepTimeCorrection(min_steps=3)
+    for _ in range(5):
+        c.observe(16, False, 1.0, 1.0, 1.0)
+        c.observe(16, True, 1.5, 2.0, 1.0)
+    assert c.factor(16, True) == pytest.approx(2.0)
+    c.observe(16, True, 1.01, 1.1, 1.0)
+    assert 2.0 < c.factor(16, True) < 2.01
+    # the fit still follows a real change: extra parts that now cost 4x move it there within a few steps
+    for _ in range(12):
+        c.observe(16, True, 1.5, 3.0, 1.0)
+    assert c.factor(16, True) == pytest.approx(4.0, rel=0.05)
+
+
 def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated():
     """The calibrated model says drafting pays at batch 16; measured drafting steps take 2x the
     prediction, plain steps as predicted: after a few such steps the plan is a plain step."""
