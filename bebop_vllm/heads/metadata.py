@@ -38,6 +38,21 @@ class HeldoutMetrics(BaseModel):
     temperature: float
 
 
+class EngineMeasured(BaseModel):
+    """The heads served by vLLM at batch 1 (``benchmarks/bench_throughput.py``, recorded into the
+    heads folder by ``benchmarks/record_engine_metrics.py``): what a user gets, next to the
+    teacher-forced ``heldout`` numbers."""
+
+    model_config = ConfigDict(extra="forbid")
+    command: str = Field(description="the benchmark command that measured these numbers")
+    machine: str = Field(description="CPU/GPU model and flags the numbers were measured on")
+    k: int = Field(ge=1, description="num_speculative_tokens of the fixed-k engine")
+    tokens_per_verify_step: dict[str, dict[str, float]] = Field(
+        description="temperature -> domain -> mean tokens per verify step (accepted drafts + 1), fixed k")
+    speedup_vs_plain: dict[str, dict[str, float]] = Field(
+        description="temperature -> engine -> tokens/s vs plain decoding, geometric mean over domains")
+
+
 class HeadMetadata(BaseModel):
     """Contents of ``bebop.json`` in a head checkpoint folder."""
 
@@ -57,6 +72,7 @@ class HeadMetadata(BaseModel):
     heldout: HeldoutMetrics | None = None
     seed: int = 0
     notes: str = ""
+    engine: EngineMeasured | None = None
 
 
 def tokenizer_fingerprint(target_model_dir: str | Path) -> str:
