@@ -54,8 +54,9 @@ def _alpha1(head, chains, zero_hidden: bool) -> float:  # noqa: ANN001
 def test_heads_use_the_target_hidden_state(chains) -> None:  # noqa: ANN001
     """Ablation: zeroing h_t must cost most of the depth-1 acceptance (the issue's goal).
 
-    Measured for the shipped heads (smollm2-135m-v4): alpha_1 0.487 with h_t, 0.198 with h_t
-    zeroed: the hidden state carries ~59 % of it (smollm2-135m-v3: 0.426 / 0.249, ~42 %;
+    Measured for the shipped heads (smollm2-135m-v5): alpha_1 0.518 with h_t, 0.224 with h_t
+    zeroed: the hidden state carries ~57 % of it (smollm2-135m-v4: 0.487 / 0.198, ~59 %;
+    smollm2-135m-v3: 0.426 / 0.249, ~42 %;
     smollm2-135m-kl-then-e2e-tv: 0.407 / 0.269; the heads before them: 0.300 / 0.216). The
     bounds pin what is true today: zeroing costs more than half, and alpha_1 > 0.45 separates
     these heads from the previous ones."""

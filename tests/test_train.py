@@ -273,16 +273,17 @@ def test_make_heads_chains_its_stages() -> None:
 
     from bebop_vllm.commands.make_heads import commands
 
-    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,e2e-tv")
+    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,kl-more,e2e-tv")
     plan = dict(commands(args))
-    assert list(plan) == ["kl", "kl-all", "e2e-tv"]
+    assert list(plan) == ["kl", "kl-all", "kl-more", "e2e-tv"]
 
     def flag(argv: list[str], name: str) -> str | None:
         return argv[argv.index(name) + 1] if name in argv else None
 
     assert flag(plan["kl"], "--init-from") is None  # the identity start
     assert flag(plan["kl-all"], "--init-from") == flag(plan["kl"], "--out") == "heads/x-kl"
-    assert flag(plan["e2e-tv"], "--init-from") == flag(plan["kl-all"], "--out") == "heads/x-kl-all"
+    assert flag(plan["kl-more"], "--init-from") == flag(plan["kl-all"], "--out") == "heads/x-kl-all"
+    assert flag(plan["e2e-tv"], "--init-from") == flag(plan["kl-more"], "--out") == "heads/x-kl-more"
     assert flag(plan["e2e-tv"], "--out") == "heads/x"
     with pytest.raises(BebopError, match="unknown stage"):
         commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))

@@ -6,8 +6,8 @@ Stages (each one resumable on its own, so a rerun continues where the last run s
 2. train data: vLLM samples the train prompts of the three domains (``RECIPE.train_data``);
 3. target pass: the target's hidden states, log-normalisers and per-token mass, cached once;
 4. KL training from the identity start, over the probability-ranked draft vocabulary, on the
-   first 2,600 train sequences (``kl``), then continued on all of them (``kl-all``): the order
-   the shipped heads were made in, one work session each;
+   first 2,600 train sequences (``kl``), then continued on all of them (``kl-all``) and once
+   more (``kl-more``): the order the shipped heads were made in, one work session each;
 5. e2e-TV fine-tune of the KL heads (the paper's loss as a fine-tuning objective);
 6. the heads folder (weights, ``draft_vocab.json``, metadata with held-out alpha per depth,
    ``train_log.json``, ``learning_curve.png``).
@@ -50,6 +50,10 @@ class Recipe:
         "--loss", "kl", "--steps", "2200", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
         "--lr", "1e-3", "--warmup-steps", "20", "--eval-every", "200", "--eval-sequences", "24", "--seed", "2",
     )  # fmt: skip
+    kl_more: tuple[str, ...] = (
+        "--loss", "kl", "--steps", "3000", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
+        "--lr", "7e-4", "--warmup-steps", "20", "--eval-every", "250", "--eval-sequences", "24", "--seed", "3",
+    )  # fmt: skip
     e2e_tv: tuple[str, ...] = (
         "--loss", "e2e-tv", "--steps", "250", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
         "--lr", "5e-4", "--warmup-steps", "10", "--eval-every", "125", "--eval-sequences", "24", "--seed", "1",
@@ -72,13 +76,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl and OUT-kl-all, the final heads to OUT.",
     )
     p.add_argument("--out", type=Path, required=True,
-                   help="final heads folder (the KL stages write OUT-kl and OUT-kl-all)")
+                   help="final heads folder (the KL stages write OUT-kl, OUT-kl-all and OUT-kl-more)")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
     p.add_argument("--model", type=Path, default=None, help="target model folder (default: the fetched default)")
     p.add_argument(
         "--stages",
-        default="heldout,train-data,kl,kl-all,e2e-tv",
-        help="comma-separated stages to run, in order (default: heldout,train-data,kl,kl-all,e2e-tv)",
+        default="heldout,train-data,kl,kl-all,kl-more,e2e-tv",
+        help="comma-separated stages to run, in order (default: heldout,train-data,kl,kl-all,kl-more,e2e-tv)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     return p
@@ -87,14 +91,17 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     common = [*(["--model", str(args.model)] if args.model else []), *(["--data", str(args.data)] if args.data else [])]
     gen = [*(["--model", str(args.model)] if args.model else []), *(["--out", str(args.data)] if args.data else [])]
-    kl_dir, kl_all_dir = Path(f"{args.out}-kl"), Path(f"{args.out}-kl-all")
+    kl_dir, kl_all_dir, kl_more_dir = (Path(f"{args.out}-{s}") for s in ("kl", "kl-all", "kl-more"))
     plan = {
         "heldout": ["generate-data", *gen, *RECIPE.heldout_data],
         "train-data": ["generate-data", *gen, *RECIPE.train_data],
         "kl": ["train", *common, "--out", str(kl_dir), "--resume", *RECIPE.kl],
         "kl-all": ["train", *common, "--out", str(kl_all_dir), "--resume", "--init-from", str(kl_dir), *RECIPE.kl_all],
+        "kl-more": [
+            "train", *common, "--out", str(kl_more_dir), "--resume", "--init-from", str(kl_all_dir), *RECIPE.kl_more,
+        ],
         "e2e-tv": [
-            "train", *common, "--out", str(args.out), "--resume", "--init-from", str(kl_all_dir), *RECIPE.e2e_tv,
+            "train", *common, "--out", str(args.out), "--resume", "--init-from", str(kl_more_dir), *RECIPE.e2e_tv,
         ],
     }  # fmt: skip
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
