@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +16,16 @@ from record_engine_metrics import main, record  # noqa: E402
 from bebop_vllm.errors import BebopError  # noqa: E402
 from bebop_vllm.heads.metadata import read_metadata  # noqa: E402
 from bebop_vllm.paths import SHIPPED_HEADS_DIR  # noqa: E402
+
+
+def _heads_without_engine_numbers(tmp_path: Path) -> Path:
+    """A heads folder whose bebop.json is the shipped one without its ``engine`` field."""
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    meta = json.loads((SHIPPED_HEADS_DIR / "bebop.json").read_text())
+    meta.pop("engine", None)
+    (heads / "bebop.json").write_text(json.dumps(meta))
+    return heads
 
 
 def _cell(t: float, batch: int, domain: str, fixed_len: float) -> dict:
@@ -34,9 +43,7 @@ def _result(heads: Path) -> dict:
 
 
 def test_record_writes_batch1_numbers_into_the_heads_metadata(tmp_path: Path) -> None:
-    heads = tmp_path / "heads"
-    heads.mkdir()
-    shutil.copy(SHIPPED_HEADS_DIR / "bebop.json", heads / "bebop.json")
+    heads = _heads_without_engine_numbers(tmp_path)
     before = read_metadata(heads)
     bench = tmp_path / "throughput.json"
     bench.write_text(json.dumps(_result(heads)))
@@ -49,9 +56,7 @@ def test_record_writes_batch1_numbers_into_the_heads_metadata(tmp_path: Path) ->
 
 
 def test_record_refuses_a_benchmark_of_other_heads_or_without_batch1(tmp_path: Path) -> None:
-    heads = tmp_path / "heads"
-    heads.mkdir()
-    shutil.copy(SHIPPED_HEADS_DIR / "bebop.json", heads / "bebop.json")
+    heads = _heads_without_engine_numbers(tmp_path)
     bench = tmp_path / "throughput.json"
     bench.write_text(json.dumps(_result(tmp_path / "other")))
     with pytest.raises(BebopError, match="measured"):
@@ -59,6 +64,7 @@ def test_record_refuses_a_benchmark_of_other_heads_or_without_batch1(tmp_path: P
     res = _result(heads)
     res["cells"] = [c for c in res["cells"] if c["batch"] != 1]
     bench.write_text(json.dumps(res))
+    before = (heads / "bebop.json").read_text()
     with pytest.raises(BebopError, match="batch-1"):
         record(bench, heads)
-    assert read_metadata(heads).engine is None  # nothing written on refusal
+    assert (heads / "bebop.json").read_text() == before and read_metadata(heads).engine is None  # nothing written
