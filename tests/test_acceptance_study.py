@@ -170,3 +170,16 @@ def test_quick_study_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     s2 = json.loads((tmp_path / "study.json").read_text())
     assert s2["claims"] == s["claims"] and s2["temperature_sweep"] == s["temperature_sweep"]
     assert time.time() - t1 < wall, "the resumed run must not redo the stages"
+
+
+def test_default_heads_include_the_default_primary() -> None:
+    """The study's default primary (--primary: the shipped heads' name, e.g. v5) must be among the
+    heads it discovers; before, only heads named by loss were, and the study silently fell back to
+    the first of them (e2e-tv) as primary."""
+    from study.common import discover_heads
+
+    from bebop_vllm.paths import SHIPPED_HEADS_DIR
+
+    heads = discover_heads()
+    assert heads[SHIPPED_HEADS_DIR.name.removeprefix("smollm2-135m-")] == SHIPPED_HEADS_DIR
+    assert "ce" in heads and "kl" in heads  # the loss heads of claim 3 are still there

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bebop_vllm import hardware
-from bebop_vllm.paths import REPO_ROOT
+from bebop_vllm.paths import REPO_ROOT, SHIPPED_HEADS_DIR
 
 LOSS_ORDER = ("e2e-tv", "ce", "kl", "tv", "hybrid")
 # Heads made by fine-tuning (``bebop train --init-from``): CE heads trained further with e2e-TV,
@@ -114,11 +114,12 @@ class StageCache:
         return json.loads(p.read_text()).get("seconds") if p.is_file() else None
 
 
-def discover_heads(root: Path = HEADS_ROOT) -> dict[str, Path]:
-    """Shipped heads by loss (and the fine-tunes): ``heads/smollm2-135m-<name>/`` folders that hold a
-    complete checkpoint."""
+def discover_heads(root: Path = HEADS_ROOT, shipped: Path = SHIPPED_HEADS_DIR) -> dict[str, Path]:
+    """The shipped default heads (under their name without the prefix, e.g. ``v5``: the study's
+    default primary) and the heads by loss and fine-tune: ``heads/smollm2-135m-<name>/`` folders
+    that hold a complete checkpoint."""
     out: dict[str, Path] = {}
-    for loss in (*LOSS_ORDER, *FINETUNE_ORDER):
+    for loss in (shipped.name.removeprefix(HEAD_PREFIX), *LOSS_ORDER, *FINETUNE_ORDER):
         d = root / f"{HEAD_PREFIX}{loss}"
         if all((d / f).is_file() for f in ("model.safetensors", "config.json", "bebop.json")):
             out[loss] = d
