@@ -73,7 +73,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
         "pass, KL training from the identity start, an e2e-TV fine-tune. Every stage is resumable: rerun the "
         "same command after an interruption. Data and caches go to --data (default "
-        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl and OUT-kl-all, the final heads to OUT.",
+        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl, OUT-kl-all and OUT-kl-more, the final "
+        "heads to OUT.",
     )
     p.add_argument("--out", type=Path, required=True,
                    help="final heads folder (the KL stages write OUT-kl, OUT-kl-all and OUT-kl-more)")
@@ -92,18 +93,19 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     common = [*(["--model", str(args.model)] if args.model else []), *(["--data", str(args.data)] if args.data else [])]
     gen = [*(["--model", str(args.model)] if args.model else []), *(["--out", str(args.data)] if args.data else [])]
     kl_dir, kl_all_dir, kl_more_dir = (Path(f"{args.out}-{s}") for s in ("kl", "kl-all", "kl-more"))
+
+    def train(out: Path, init_from: Path | None, recipe: tuple[str, ...]) -> list[str]:
+        init = ["--init-from", str(init_from)] if init_from is not None else []
+        return ["train", *common, "--out", str(out), "--resume", *init, *recipe]
+
     plan = {
         "heldout": ["generate-data", *gen, *RECIPE.heldout_data],
         "train-data": ["generate-data", *gen, *RECIPE.train_data],
-        "kl": ["train", *common, "--out", str(kl_dir), "--resume", *RECIPE.kl],
-        "kl-all": ["train", *common, "--out", str(kl_all_dir), "--resume", "--init-from", str(kl_dir), *RECIPE.kl_all],
-        "kl-more": [
-            "train", *common, "--out", str(kl_more_dir), "--resume", "--init-from", str(kl_all_dir), *RECIPE.kl_more,
-        ],
-        "e2e-tv": [
-            "train", *common, "--out", str(args.out), "--resume", "--init-from", str(kl_more_dir), *RECIPE.e2e_tv,
-        ],
-    }  # fmt: skip
+        "kl": train(kl_dir, None, RECIPE.kl),
+        "kl-all": train(kl_all_dir, kl_dir, RECIPE.kl_all),
+        "kl-more": train(kl_more_dir, kl_all_dir, RECIPE.kl_more),
+        "e2e-tv": train(args.out, kl_more_dir, RECIPE.e2e_tv),
+    }
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in plan]
     if unknown:
