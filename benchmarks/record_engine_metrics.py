@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bebop_vllm.errors import BebopError  # noqa: E402
 from bebop_vllm.hardware import describe_machine  # noqa: E402
-from bebop_vllm.heads.metadata import EngineMeasured, read_metadata  # noqa: E402
+from bebop_vllm.heads.metadata import EngineMeasured, read_metadata, write_metadata  # noqa: E402
 
 
 def engine_measured(result: dict[str, Any], batch: int = 1, fixed_engine: str = "bebop") -> EngineMeasured:
@@ -53,9 +53,7 @@ def record(throughput_json: Path, heads: Path | None = None) -> Path:
         raise BebopError(f"{throughput_json} measured {ran_with}, not {heads}")
     meta = read_metadata(heads)
     meta.engine = engine_measured(result)
-    path = heads / "bebop.json"
-    path.write_text(meta.model_dump_json(indent=2) + "\n")
-    return path
+    return write_metadata(heads, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from bebop_vllm.heads.metadata import (
     HeadMetadata,
     read_metadata,
     tokenizer_fingerprint,
+    write_metadata,
 )
 from bebop_vllm.heads.module import BebopMTPHead, HeadShape
 from bebop_vllm.heads.target import read_target_config, target_embedding_and_lm_head
@@ -80,7 +81,7 @@ def save_heads(
     assert not missing, f"head state_dict does not match the format: {sorted(missing)}"
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bebop_format_version": str(FORMAT_VERSION)})
     (out / CONFIG_FILE).write_text(json.dumps(head_config(target_config, metadata.num_depths), indent=2) + "\n")
-    (out / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
+    write_metadata(out, metadata)
     return out
 
 

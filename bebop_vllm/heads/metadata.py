@@ -86,6 +86,13 @@ def tokenizer_fingerprint(target_model_dir: str | Path) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def write_metadata(head_dir: Path, metadata: HeadMetadata) -> Path:
+    """Write ``head_dir/bebop.json`` (the one format :func:`read_metadata` reads)."""
+    path = Path(head_dir) / "bebop.json"
+    path.write_text(metadata.model_dump_json(indent=2) + "\n")
+    return path
+
+
 def read_metadata(head_dir: Path) -> HeadMetadata:
     path = head_dir / "bebop.json"
     if not path.is_file():
