@@ -191,9 +191,13 @@ class StepTimeCorrection:
     max_ratio: float = 4.0
     max_extra_ratio: float = 10.0  # the extra part: the bare calibration can miss most of it
     max_probes: int = 12  # probe steps per (bucket, kind): a kind that cannot be observed stops being probed
-    ratios: dict[tuple[int, bool], tuple[float, int]] = field(default_factory=dict)  # (fitted r, steps seen)
     probes: dict[tuple[int, bool], int] = field(default_factory=dict)
-    sums: dict[tuple[int, bool], tuple[float, float]] = field(default_factory=dict)  # (sum w x y, sum w x^2)
+    sums: dict[tuple[int, bool], tuple[float, float, int]] = field(default_factory=dict)  # (sum wxy, sum wx^2, steps)
+
+    @property
+    def ratios(self) -> dict[tuple[int, bool], tuple[float, int]]:
+        """(fitted r, steps seen) per (bucket, kind), from the decayed sums."""
+        return {key: (sxy / sxx, n) for key, (sxy, sxx, n) in self.sums.items()}
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -211,12 +215,9 @@ class StepTimeCorrection:
             x = predicted_s
             y = min(max(observed_s, x / self.max_ratio), x * self.max_ratio)
         key = (self.bucket(batch), bool(drafting))
-        n = self.ratios.get(key, (1.0, 0))[1]
-        sxy, sxx = self.sums.get(key, (0.0, 0.0))
+        sxy, sxx, n = self.sums.get(key, (0.0, 0.0, 0))
         w = max(self.weight, 1.0 / (n + 1))  # equal weights for the first steps, then exponential decay
-        sxy, sxx = (1.0 - w) * sxy + w * x * y, (1.0 - w) * sxx + w * x * x
-        self.sums[key] = (sxy, sxx)
-        self.ratios[key] = (sxy / sxx, n + 1)
+        self.sums[key] = ((1.0 - w) * sxy + w * x * y, (1.0 - w) * sxx + w * x * x, n + 1)
 
     def factor(self, batch: int, drafting: bool) -> float:
         """The ratio for this kind of step at the nearest measured batch bucket; a kind never
