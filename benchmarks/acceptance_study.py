@@ -34,7 +34,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from study.common import LOSS_ORDER, MODES, StageCache, StudyConfig, discover_heads, head_metadata  # noqa: E402
+from study.common import (  # noqa: E402
+    LOSS_ORDER,
+    MODES,
+    SHIPPED_HEAD_NAME,
+    StageCache,
+    StudyConfig,
+    discover_heads,
+    head_metadata,
+)
 
 from bebop_vllm.paths import SHIPPED_HEADS_DIR  # noqa: E402
 
@@ -55,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--heads", action="append", default=[], metavar="LOSS=DIR",
         help="a head folder per loss (repeatable); default: every heads/smollm2-135m-<loss>/ in the repo",
     )
-    p.add_argument("--primary", default=SHIPPED_HEADS_DIR.name.removeprefix("smollm2-135m-"),
+    p.add_argument("--primary", default=SHIPPED_HEAD_NAME,
                    help="head used for claims 1, 2, 4 and the predictor, if it exists (default: the shipped heads, "
                    f"{SHIPPED_HEADS_DIR.name})")
     p.add_argument(

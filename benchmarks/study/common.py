@@ -19,6 +19,7 @@ LOSS_ORDER = ("e2e-tv", "ce", "kl", "tv", "hybrid")
 FINETUNE_ORDER = ("ce-then-e2e-tv", "ce-then-ce")
 HEADS_ROOT = REPO_ROOT / "heads"
 HEAD_PREFIX = "smollm2-135m-"
+SHIPPED_HEAD_NAME = SHIPPED_HEADS_DIR.name.removeprefix(HEAD_PREFIX)  # the default primary, e.g. "v5"
 MODES = ("probabilistic", "greedy")
 
 
@@ -114,12 +115,12 @@ class StageCache:
         return json.loads(p.read_text()).get("seconds") if p.is_file() else None
 
 
-def discover_heads(root: Path = HEADS_ROOT, shipped: Path = SHIPPED_HEADS_DIR) -> dict[str, Path]:
+def discover_heads(root: Path = HEADS_ROOT) -> dict[str, Path]:
     """The shipped default heads (under their name without the prefix, e.g. ``v5``: the study's
     default primary) and the heads by loss and fine-tune: ``heads/smollm2-135m-<name>/`` folders
     that hold a complete checkpoint."""
     out: dict[str, Path] = {}
-    for loss in (shipped.name.removeprefix(HEAD_PREFIX), *LOSS_ORDER, *FINETUNE_ORDER):
+    for loss in (SHIPPED_HEAD_NAME, *LOSS_ORDER, *FINETUNE_ORDER):
         d = root / f"{HEAD_PREFIX}{loss}"
         if all((d / f).is_file() for f in ("model.safetensors", "config.json", "bebop.json")):
             out[loss] = d
