@@ -42,6 +42,7 @@ from study.common import (  # noqa: E402
     StudyConfig,
     discover_heads,
     head_metadata,
+    result_key,
 )
 
 from bebop_vllm.paths import SHIPPED_HEADS_DIR  # noqa: E402
@@ -638,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     crosscheck: dict[str, Any] = {}
     if cfg.engine:
         crosscheck = cache.run(
-            "crosscheck", timed_key, lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer)
+            "crosscheck", result_key(timed_key, engines),
+            lambda: stage_crosscheck(cfg, prompts, engines, get_analyzer),
         )
 
     stage_seconds = {n: cache.seconds(n) for n in ["prompts", "samples", "timed", "analytic", "crosscheck"]}

@@ -183,3 +183,15 @@ def test_default_heads_include_the_default_primary() -> None:
     heads = discover_heads()
     assert heads[SHIPPED_HEADS_DIR.name.removeprefix("smollm2-135m-")] == SHIPPED_HEADS_DIR
     assert "ce" in heads and "kl" in heads  # the loss heads of claim 3 are still there
+
+
+def test_crosscheck_key_follows_the_timed_results() -> None:
+    """The cross-check is computed from the timed stage's results, so its cache key changes with
+    them: a rerun after failed engines must not reuse the cross-check of the engines that ran."""
+    from study.common import result_key
+
+    partial = {"none": {"timed": []}, "v5-k3": {"timed": [1]}, "kl-k3": {"error": "failed to start"}}
+    complete = {**partial, "kl-k3": {"timed": [2]}}
+    assert result_key("abc", partial) != result_key("abc", complete)
+    assert result_key("abc", complete) == result_key("abc", json.loads(json.dumps(complete)))
+    assert result_key("abc", complete) != result_key("abd", complete)

@@ -63,6 +63,15 @@ class StudyConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def result_key(stage_key: str, inputs: Any) -> str:
+    """Key of a stage computed from another stage's *result*: ``stage_key`` plus a hash of
+    ``inputs`` (JSON). A stage keyed on settings alone (the cross-check on ``cfg.key()``) was
+    served from the cache of a run whose timed stage had failed engines: its table then covered
+    only the engines that ran that time."""
+    blob = json.dumps(inputs, sort_keys=True, default=str)
+    return hashlib.sha256((stage_key + blob).encode()).hexdigest()[:12]
+
+
 def _heads_fingerprint(path: str | Path) -> str:
     """sha256 of a heads folder's weights and metadata (empty string when missing)."""
     h = hashlib.sha256()
