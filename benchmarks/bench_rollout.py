@@ -114,6 +114,69 @@ def _summarise_repeats(raws: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def concurrency_profile(lengths: list[int]) -> list[int]:
+    """Requests still decoding at each decode step of a rollout whose requests all start together.
+
+    ``lengths [N]`` output lengths -> ``running [max(lengths)]``, ``running[s]`` = how many requests
+    emit their (s+1)-th token at step s (plain decoding: one token per request and step).
+    """
+    longest = max(lengths, default=0)
+    ends = [0] * (longest + 1)
+    for n in lengths:
+        ends[n] += 1
+    running, alive = [], len(lengths) - ends[0]
+    for s in range(longest):
+        running.append(alive)
+        alive -= ends[s + 1]
+    return running
+
+
+def _interp_log2(x: float, xs: list[float], ys: list[float]) -> float:
+    """Piecewise-linear in log2(x) through (xs, ys), clamped at both ends."""
+    import math
+
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = next(i for i in range(1, len(xs)) if x <= xs[i])
+    w = (math.log2(x) - math.log2(xs[i - 1])) / (math.log2(xs[i]) - math.log2(xs[i - 1]))
+    return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+
+def tail_model(lengths: list[int], sweep: list[dict[str, Any]], temperature: float,
+               engine: str = "bebop-auto") -> dict[str, Any] | None:
+    """What the concurrency sweep says a rollout with these output lengths can gain from ``engine``.
+
+    A decode step with c requests in flight costs c / (plain tokens/s at c) and runs ``ratio(c)``
+    times faster with the engine (both piecewise-linear in log2 c over the sweep's cells at
+    ``temperature``; beyond the sweep's largest c its values are used, which overstates plain
+    step time there - throughput still grows - and so the weight of the crowded phase). Returns the
+    modelled plain and engine decode seconds, ``bound`` = their ratio (the speedup this length
+    profile allows on this machine), and the share of plain decode time spent at c <= 4 / <= 16.
+    None when the sweep has no cell at ``temperature`` with both engines.
+    """
+    cells = sorted((c for c in sweep if c["temperature"] == temperature
+                    and "none" in c["engines"] and engine in c["engines"]), key=lambda c: c["concurrency"])
+    if not cells:
+        return None
+    cs = [float(c["concurrency"]) for c in cells]
+    tok_s = [c["engines"]["none"]["tok_s"] for c in cells]
+    ratio = [c["engines"][engine]["ratio"] for c in cells]
+    plain = engine_s = small4 = small16 = 0.0
+    for c in concurrency_profile(lengths):
+        if c == 0:
+            continue
+        step = c / _interp_log2(c, cs, tok_s)
+        plain += step
+        engine_s += step / _interp_log2(c, cs, ratio)
+        small4 += step if c <= 4 else 0.0
+        small16 += step if c <= 16 else 0.0
+    return {"engine": engine, "temperature": temperature, "sweep_max_concurrency": int(cs[-1]),
+            "plain_decode_s": plain, "engine_decode_s": engine_s, "bound": plain / engine_s if engine_s else None,
+            "share_c_le_4": small4 / plain if plain else 0.0, "share_c_le_16": small16 / plain if plain else 0.0}
+
+
 def _markdown(res: dict[str, Any]) -> str:
     from bebop_vllm.hardware import describe_machine
 
@@ -155,6 +218,17 @@ def _markdown(res: dict[str, Any]) -> str:
             runs = ", ".join(f"{x:.1f}" for x in v.get("seconds_runs", [v["seconds"]]))
             lines.append(f"| {e} | {v['seconds']:.1f} ({runs}) | {v['tokens']} | {sp} | "
                          f"{v['drafted_per_token']:.2f} | {pct} |")
+        tm = r.get("tail_model")
+        if tm:
+            src = r.get("tail_model_sweep") or "this run's sweep"
+            lines += ["", f"**Tail model** (plain run's lengths, sweep from {src}, T = {tm['temperature']}): "
+                      f"{100 * tm['share_c_le_4']:.0f} % of plain decode time is spent with <= 4 requests in "
+                      f"flight and {100 * tm['share_c_le_16']:.0f} % with <= 16; if every step ran at the sweep's "
+                      f"{tm['engine']} ratio for its concurrency, this rollout would run **{tm['bound']:.2f}x** "
+                      f"plain (modelled decode time {tm['plain_decode_s']:.0f} s vs {tm['engine_decode_s']:.0f} s; "
+                      f"beyond the sweep's {tm['sweep_max_concurrency']} requests its largest cell is used). "
+                      "Speculation pays only in the tail; a rollout whose requests mostly run to max_tokens "
+                      "together has none."]
     return "\n".join(lines) + "\n"
 
 
@@ -224,10 +298,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="rollout engines (default none,bebop-auto; add bebop for fixed k; ENGINE:bN as for --engines)")
     ap.add_argument("--rollout-repeats", type=int, default=1,
                     help="rollout: runs per engine, engines alternating, median wall time (default 1)")
+    ap.add_argument("--sweep-from", default=None,
+                    help="a previous run's OUT.json whose sweep feeds the rollout's tail model when this run has "
+                         "no sweep at the rollout temperature (e.g. with --skip-sweep)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: concurrency 1,4,16 at T=1, 16 tokens; rollout 8 prompts x 2 samples, 64 tokens")
     ap.add_argument("--out", default="benchmarks/results/rollout", help="output prefix for .json/.md/.png")
     args = ap.parse_args(argv)
+    if args.sweep_from and not Path(args.sweep_from).is_file():
+        ap.error(f"--sweep-from {args.sweep_from}: no such file (expected a bench_rollout OUT.json with a sweep)")
     if args.quick:
         args.concurrency, args.temperatures, args.sweep_max_tokens = "1,4,16", "1.0", 16
         args.rollout_prompts, args.rollout_samples, args.rollout_max_tokens = 8, 2, 64
@@ -337,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         base = r["engines"].get("none", {}).get("seconds")
         for v in r["engines"].values():
             v["speedup"] = base / v["seconds"] if base else None
+        tail_sweep, r["tail_model_sweep"] = res["sweep"], None
+        if args.sweep_from and not any(c["temperature"] == args.rollout_temperature for c in res["sweep"]):
+            tail_sweep = json.loads(Path(args.sweep_from).read_text())["sweep"]
+            r["tail_model_sweep"] = args.sweep_from
+        if "none" in r["engines"]:
+            r["tail_model"] = tail_model(r["engines"]["none"]["lengths"], tail_sweep, args.rollout_temperature)
         res["rollout"] = r
         done += 1
     write(done)
