@@ -148,3 +148,53 @@ def test_patch_draws_by_the_float64_cdf() -> None:
     for i, seed in seeds.items():
         u = torch.empty(1, dtype=torch.float64).uniform_(generator=torch.Generator().manual_seed(seed))
         assert int(ids[i]) == int(sample_float64_cdf(probs[i : i + 1], u)[0])
+
+
+def _on_draft_vocab(logits: torch.Tensor, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits [R, S]`` spread over sorted random columns of a ``vocab``-wide row, -inf elsewhere
+    (what the drafter's compute_logits returns with a draft vocabulary) -> (full logits, support)."""
+    support = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[: logits.shape[1]].sort().values
+    full = torch.full((logits.shape[0], vocab), float("-inf"))
+    full[:, support] = logits
+    return full, support
+
+
+@pytest.mark.parametrize("top_k", [None, 5, 3000])  # 3000 = V: a row without top-k
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_draft_vocabulary_support_gives_the_full_vocabulary_draw(top_k, top_p) -> None:
+    """Sampling on the draft vocabulary's columns only (support=) returns the same q, scattered
+    back to the full width, and the same token for the same seed, as sampling the full row;
+    top-k larger than the draft vocabulary (k = V: a row without top-k) keeps it whole."""
+    rows, vocab, size = 6, 3000, 700
+    sub = torch.randn(rows, size, generator=torch.Generator().manual_seed(5)) * 2
+    full, support = _on_draft_vocab(sub, vocab, seed=6)
+    temperature = torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 0.0])
+
+    def meta():
+        return _meta(temperature, top_k=None if top_k is None else torch.full((rows,), top_k),
+                     top_p=None if top_p is None else torch.full((rows,), top_p),
+                     generators={i: torch.Generator().manual_seed(100 + i) for i in range(rows)})
+
+    ids_full, q_full = request_distribution_sample(full, meta())
+    ids_sub, q_sub = request_distribution_sample(full, meta(), support=support)
+    assert q_sub.shape == (rows, vocab)
+    assert torch.equal(ids_sub, ids_full)
+    torch.testing.assert_close(q_sub, q_full, rtol=1e-6, atol=1e-9)
+    outside = torch.ones(vocab, dtype=torch.bool)
+    outside[support] = False
+    assert int((q_sub[:, outside] != 0).sum()) == 0
+    assert set(ids_sub.tolist()) <= set(support.tolist())
+
+
+def test_drafts_on_a_draft_vocabulary_follow_the_returned_q() -> None:
+    """The chi-square test above, with the 12 logits spread over a 40-token vocabulary and
+    sampled through support=: the draws follow the full-width q returned (a draw outside the
+    support, where q = 0, fails the test outright)."""
+    logits, meta = _case()
+    full, support = _on_draft_vocab(logits.unsqueeze(0), 40, seed=7)
+    torch.manual_seed(0)
+    ids, probs = request_distribution_sample(full.repeat(N_DRAWS, 1), meta, support=support)
+    assert torch.equal(probs, probs[:1].expand_as(probs))
+    assert int((probs[0][support] == 0).sum()) >= 3  # top-k / top-p cut the draft vocabulary too
+    result = chi_square_test(ids, probs[0])
+    assert result.p_value > ALPHA, result

@@ -84,3 +84,21 @@ def test_probability_ranked_vocabulary_records_its_trained_size(tmp_path: Path) 
     assert read_draft_vocab(tmp_path, 3, 5) == [1, 3, 4]
     write_probability_ranked_vocab(tmp_path, ranking, mass, trained_size=None, source={"test": True})
     assert trained_draft_vocab_size(tmp_path) is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_draft_lm_head_product_matches_torch(dtype: str, tokens: int) -> None:
+    """The drafter multiplies by its draft-vocabulary lm_head rows through vLLM's packed oneDNN
+    GEMM on CPU (plugin.draft_model.rows_matmul): the same product as torch's ``x @ rows.T``."""
+    import torch
+
+    from bebop_vllm.plugin.draft_model import rows_matmul
+
+    gen = torch.Generator().manual_seed(tokens)
+    rows = torch.randn(8192, 576, generator=gen).to(getattr(torch, dtype))
+    x = torch.randn(tokens, 576, generator=gen).to(rows.dtype)
+    got = rows_matmul(rows)(x)
+    assert got.shape == (tokens, 8192) and got.dtype == rows.dtype
+    tol = {"bfloat16": 2e-2, "float32": 1e-4}[dtype]
+    torch.testing.assert_close(got.float(), (x @ rows.T).float(), rtol=tol, atol=tol * 10)

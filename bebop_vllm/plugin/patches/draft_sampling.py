@@ -35,7 +35,7 @@ BEBOP_FLAG = "_bebop_request_distribution_drafts"
 
 
 def request_distribution_sample(
-    logits: torch.Tensor, sampling_metadata: Any
+    logits: torch.Tensor, sampling_metadata: Any, support: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one draft token per row from the row's request distribution; return (ids, probs).
 
@@ -43,23 +43,38 @@ def request_distribution_sample(
     ``temperature [R]``, ``top_k`` / ``top_p`` and seeded ``generators``. Returns int64 ids
     ``[R]`` drawn from exactly the float32 ``probs [R, V]`` returned (the q the verifier gets).
     Greedy rows (temperature ~ 0) take the argmax; their probs row is unused by the verifier.
+
+    ``support [S]`` (optional, sorted ascending): token ids outside which every logit is -inf - a
+    draft vocabulary. The operator then runs on those S columns only and q is scattered back into
+    ``[R, V]`` (zeros elsewhere): the same q - top-k clamped to S keeps the same tokens, -inf
+    columns carry no mass - at S / V of the elementwise work, and the same token for the same
+    uniform, since the inverse CDF walks the nonzero entries in the same order.
     """
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     from bebop_vllm.kernels.inverse_cdf import sample_float64_cdf
     from bebop_vllm.kernels.sampling_operator import effective_temperature, is_greedy_temperature
 
+    vocab = logits.shape[-1]
+    top_k = sampling_metadata.top_k
+    if support is not None:
+        logits = logits.index_select(-1, support)
+        if top_k is not None:  # vLLM's top-k indexes the k-th largest column: k <= S
+            top_k = top_k.clamp(max=support.numel())
     logits = logits.float()
     temperature = sampling_metadata.temperature
     assert temperature is not None and temperature.shape[0] == logits.shape[0], "one row per request"
     is_greedy = is_greedy_temperature(temperature)
     logits = logits / effective_temperature(temperature).unsqueeze(-1)
-    logits = apply_top_k_top_p(logits, sampling_metadata.top_k, sampling_metadata.top_p)
+    logits = apply_top_k_top_p(logits, top_k, sampling_metadata.top_p)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     u = draw_row_uniforms(probs.shape[0], probs.device, sampling_metadata.generators)
     ids = sample_float64_cdf(probs, u)
     ids = torch.where(is_greedy, probs.argmax(dim=-1), ids)
-    return ids, probs
+    if support is None:
+        return ids, probs
+    full = probs.new_zeros(probs.shape[0], vocab).index_copy_(1, support, probs)
+    return support[ids], full
 
 
 def draw_row_uniforms(
@@ -89,7 +104,10 @@ def _make_replacement(original: Any) -> Any:
             or sampling_metadata.temperature.shape[0] != logits.shape[0]
         ):
             return original(self, logits, sampling_metadata)
-        return request_distribution_sample(logits, sampling_metadata)
+        support = getattr(self.model, "draft_vocab_ids", None)
+        if support is not None and support.numel() == 0:
+            support = None  # no draft vocabulary: every token can be drafted
+        return request_distribution_sample(logits, sampling_metadata, support)
 
     return _sample_from_logits
 
