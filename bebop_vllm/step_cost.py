@@ -15,7 +15,7 @@ for ``B`` requests costs
 Each curve is a list of (tokens, seconds) points, interpolated linearly and extrapolated with the
 last segment's slope. The points come from, in order: a JSON file named in the speculative config
 (``step_cost_file``), a cache file under ``$BEBOP_HOME/step_cost/`` keyed by machine (CPU model
-and flags, or GPU name), model, dtype, heads, draft vocabulary, vLLM version and thread count,
+and flags, or GPU name), model, dtype, heads, draft vocabulary, vLLM version, bebop's cost revision and thread count,
 or a short calibration at engine start (:func:`calibrate`, a few seconds; written to that cache so
 the next start is free). Without any of these :func:`default_model` gives rough relative costs.
 """
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
+# Part of the cache key: bumped when bebop's own drafting code gets cheaper or dearer, so a cache
+# calibrated on the old code is not reused (2: draft sampling on the draft vocabulary, packed lm_head).
+COST_REVISION = 2
 CURVES = ("target", "draft_pass", "draft_head", "draft_forward")
 CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 logger = logging.getLogger("vllm.bebop.step_cost")
@@ -209,6 +212,7 @@ def cache_key(vllm_config: Any) -> dict[str, Any]:
         "tensor_parallel_size": int(vllm_config.parallel_config.tensor_parallel_size),
         "vllm": installed_vllm_version(),
         "format_version": FORMAT_VERSION,
+        "cost_revision": COST_REVISION,
     }
 
 
