@@ -118,13 +118,20 @@ def test_interpolation_and_step_seconds():
     assert k3 == pytest.approx(8.0 + 0.2 + depth_costs)
     assert model.for_batch(4)(16, 3) == k3
     assert "target [1:1000.00" in model.summary()
-    # a dip in a measured curve is flattened: more tokens never cost less
+    # nothing rises above the first point: flat, more tokens never cost less
     dipped = StepCostModel(target=[(1, 1.0), (64, 0.083), (128, 0.147), (256, 0.12), (512, 0.209)],
                            draft_pass=[(1, 0.1)], draft_head=[(1, 0.1)], draft_forward=[(1, 0.1)])
     assert [y for _, y in dipped.target] == [1.0, 1.0, 1.0, 1.0, 1.0]
+    # a dip is dropped, not flattened: the tokens up to it must not be free (a flat segment let the
+    # planner fill batches of ~200 requests with drafts up to 256 tokens, 0.69x plain)
     dipped = StepCostModel(target=[(1, 0.02), (64, 0.083), (128, 0.147), (256, 0.12), (512, 0.209)],
                            draft_pass=[(1, 0.1)], draft_head=[(1, 0.1)], draft_forward=[(1, 0.1)])
-    assert [y for _, y in dipped.target] == [0.02, 0.083, 0.147, 0.147, 0.209]
+    assert dipped.target == [(1, 0.02), (64, 0.083), (128, 0.147), (512, 0.209)]
+    assert interpolate(dipped.target, 256) - interpolate(dipped.target, 200) == pytest.approx(56 * 0.062 / 384)
+    # an equal value (what a cache file written by the old clamping holds) is dropped too
+    flat = StepCostModel(target=[(1, 0.02), (4, 0.03), (8, 0.03), (16, 0.05)],
+                         draft_pass=[(1, 0.1)], draft_head=[(1, 0.1)], draft_forward=[(1, 0.1)])
+    assert flat.target == [(1, 0.02), (4, 0.03), (16, 0.05)]
 
 
 def test_model_json_round_trip_and_validation(tmp_path):
@@ -522,3 +529,27 @@ def test_step_cost_key_is_the_same_in_the_worker_and_the_scheduler_process(monke
         torch.set_num_threads(threads)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")  # a setting both processes inherit: part of the key
     assert machine_id() != before
+
+
+def test_crowded_batch_does_not_draft_into_a_calibrated_dip():
+    """The calibration this project's CPU wrote before the RL-shaped rollout ran 0.69x plain:
+    128 and 256 target tokens both timed 152.85 ms (a dip, clamped flat). With 200 requests in
+    flight the flat segment made 56 drafts look free; dropping the dip prices them."""
+    ms = 1e-3
+    model = StepCostModel(
+        target=[(1, 26.51 * ms), (2, 28.90 * ms), (4, 29.65 * ms), (8, 29.65 * ms), (16, 36.66 * ms),
+                (32, 36.66 * ms), (64, 92.46 * ms), (128, 152.85 * ms), (256, 152.85 * ms), (512, 599.14 * ms)],
+        draft_pass=[(1, 0.86 * ms), (2, 0.86 * ms)], draft_head=[(1, 0.62 * ms), (2, 0.64 * ms)],
+        draft_forward=[(1, 0.88 * ms), (8, 1.00 * ms), (64, 1.45 * ms)])
+    crowd = plan_draft_lengths([0.5] * 200, 3, model.for_batch(200), min_gain=0.03)
+    assert crowd.depths == 0 and sum(crowd.lengths) == 0
+    # negative control: the same model with the dip clamped flat (the old curves) drafts
+    flat = [(128, 152.85 * ms), (256, 152.85 * ms)] + [p for p in model.target if p[0] > 256]
+    flat = [p for p in model.target if p[0] < 128] + flat
+
+    def flat_cost(tokens: int, depths: int) -> float:
+        return model.for_batch(200)(tokens, depths) - interpolate(model.target, tokens) + interpolate(flat, tokens)
+
+    assert sum(plan_draft_lengths([0.5] * 200, 3, flat_cost, min_gain=0.03).lengths) > 0
+    # the tail still drafts: one request, the same curves
+    assert plan_draft_lengths([0.5], 3, model.for_batch(1), min_gain=0.03).lengths[0] >= 2
