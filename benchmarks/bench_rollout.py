@@ -57,7 +57,7 @@ def in_turn(engines: list[str], turn: int) -> list[str]:
 
 
 def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max_num_seqs: int, dtype: str,
-            enforce_eager: bool, conn: Any, block_size: int | None = None) -> None:
+            enforce_eager: bool, conn: Any, block_size: int | None = None, prefix_caching: bool = True) -> None:
     """Holds one engine; answers ("run", prompts, params) with per-run totals."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
@@ -68,6 +68,8 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, max
     kwargs: dict[str, Any] = {"per_request_spec_decode_metrics": "summary"} if spec else {}
     if block_size:
         kwargs["block_size"] = block_size
+    if not prefix_caching:
+        kwargs["enable_prefix_caching"] = False
     llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=enforce_eager, seed=0, dtype=dtype,
               max_num_seqs=max_num_seqs, speculative_config=spec, **kwargs)
     llm.generate(["Hello"] * 4, SamplingParams(max_tokens=8), use_tqdm=False)  # warm-up
@@ -186,7 +188,9 @@ def _markdown(res: dict[str, Any]) -> str:
              f"Machine: {describe_machine(m)}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. "
              f"Model: {cfg['model']} ({cfg['dtype']}). Heads: {cfg['heads']}. k = {cfg['k']}. "
-             f"Wall time: {res['wall_s']:.0f} s." + ("" if res["complete"] else " **Partial run.**"), ""]
+             f"Wall time: {res['wall_s']:.0f} s." + ("" if cfg.get("prefix_caching", True) else
+                                                      " Prefix caching off in every engine.")
+             + ("" if res["complete"] else " **Partial run.**"), ""]
     if res["sweep"]:
         engines = cfg["engines"]
         lines += [f"## (a) Concurrency sweep ({cfg['sweep_max_tokens']} tokens per request, ignore_eos)", "",
@@ -277,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV cache block size of every engine (default: vLLM's; 128 on CPU). An EAGLE-style engine "
                          "reuses a cached prompt one block short, so smaller blocks keep more of the samples' sharing")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="every engine without prefix caching: the rollout's samples of one prompt then share "
+                         "nothing (vLLM's EAGLE-style engines reuse a cached prompt one KV block short, so "
+                         "this separates that from the speculation itself)")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"sweep engines (default {','.join(ENGINES)}); ENGINE:bN runs ENGINE with N-token KV blocks "
                          "(e.g. bebop-auto:b32), to compare block sizes in one run")
@@ -348,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                            "config": {"model": args.model, "heads": args.heads, "k": args.k, "dtype": args.dtype,
                                       "engines": sweep_engines, "sweep_max_tokens": args.sweep_max_tokens,
                                       "repeats": args.repeats, "block_size": args.block_size,
-                                      "max_num_seqs": args.max_num_seqs, "quick": args.quick}}
+                                      "max_num_seqs": args.max_num_seqs, "quick": args.quick,
+                                      "prefix_caching": not args.no_prefix_caching}}
     t_start = time.perf_counter()
     planned = len(temps) * len(concurrencies) * bool(sweep_engines) + bool(rollout_engines)
     out = Path(args.out)
@@ -368,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, daemon=True,
                            args=(e, args.model, args.heads, args.k, args.max_model_len, args.max_num_seqs, args.dtype,
-                                 not args.cuda_graphs, child, args.block_size))
+                                 not args.cuda_graphs, child, args.block_size, not args.no_prefix_caching))
         proc.start()
         print(f"starting engine {e} ...", file=sys.stderr, flush=True)
         if parent.recv() != "ready":
