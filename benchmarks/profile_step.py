@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--dump", default=None, help="also write the raw cProfile stats here (for pstats / snakeviz)")
     args = ap.parse_args(argv)
+    machine = machine_info()  # before the engine starts: its load average is the machine's, not ours
+    command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     dtype = fast_engine_dtype() if args.dtype == "auto" else args.dtype
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     prefill = [(n, dt) for n, dt in step_log if n > args.batch * (args.k + 1)]
     buf = io.StringIO()
     header = (f"engine {args.engine}, batch {args.batch}, {args.tokens} tokens each, T = {args.temperature}, "
-              f"dtype {dtype}\n{describe_machine(machine_info())}\n"
+              f"dtype {dtype}\ncommand: {command}\n{describe_machine(machine)}; load average at start "
+              f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_start'] or [])}\n"
               f"generate {seconds:.3f} s, {tokens} tokens, {tokens / seconds:.1f} tok/s, {n_steps} engine steps, "
               f"{1000 * seconds / max(n_steps, 1):.2f} ms per step (profiler overhead included)\n"
               f"prefill steps (tokens, ms): {[(n, round(1000 * dt, 1)) for n, dt in prefill]}; "
