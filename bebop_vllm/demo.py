@@ -29,7 +29,7 @@ START_TIMEOUT_S = 600
 
 
 def _worker(engine: str, model: str, heads: str | None, k: int, max_model_len: int,
-            seed: int, conn: Any) -> None:
+            seed: int, dtype: str, conn: Any) -> None:
     """Hold one engine; answer ("run", texts, params) with (seconds, [per-request dicts])."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
@@ -40,7 +40,7 @@ def _worker(engine: str, model: str, heads: str | None, k: int, max_model_len: i
             kwargs["speculative_config"] = {"method": "bebop", "model": heads,
                                             "num_speculative_tokens": k}
             kwargs["per_request_spec_decode_metrics"] = "summary"
-        llm = LLM(model=model, dtype="bfloat16", max_model_len=max_model_len, enforce_eager=True,
+        llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
                   seed=seed, **kwargs)
         llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one clear line
@@ -72,7 +72,8 @@ class _Engine:
         self.name = engine
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, daemon=True, args=(
-            engine, model, heads, args.num_speculative_tokens, args.max_model_len, args.seed, child))
+            engine, model, heads, args.num_speculative_tokens, args.max_model_len, args.seed,
+            args.dtype, child))
         self.proc.start()
 
     def wait_ready(self) -> None:
@@ -163,6 +164,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from bebop_vllm.data import DOMAINS, load_prompts, render
+    from bebop_vllm.hardware import fast_engine_dtype
     from bebop_vllm.model_fetch import check_model_dir
     from bebop_vllm.paths import default_model_dir
 
@@ -178,9 +180,13 @@ def run_demo(args: argparse.Namespace) -> int:
                                       args.max_model_len - args.max_tokens, load_prompts, render)
     params = {"temperature": args.temperature, "max_tokens": args.max_tokens, "seed": args.seed,
               "ignore_eos": True}
+    # bf16 only where the hardware computes it natively: vLLM's CPU path emulates bf16 on
+    # AVX2-only x86 and decodes ~3x slower there than in float32.
+    args.dtype = fast_engine_dtype()
 
     print(f"bebop demo: {model}\n  heads: {heads_label}, k={args.num_speculative_tokens}, "
-          f"T={args.temperature}, {args.max_tokens} new tokens per request; starting engines ...",
+          f"T={args.temperature}, {args.max_tokens} new tokens per request, {args.dtype}; "
+          "starting engines ...",
           flush=True)
     from bebop_vllm.serve import ensure_cpu_kv_cache_space
 
