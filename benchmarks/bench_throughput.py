@@ -72,7 +72,7 @@ def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None 
 
 
 def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, conn: Any,
-            dtype: str = "auto", policy: dict[str, Any] | None = None) -> None:
+            dtype: str = "auto", policy: dict[str, Any] | None = None, compiled: bool = False) -> None:
     """Holds one engine; answers ("run", prompts, params) with (seconds, tokens, accepted stats)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
@@ -82,7 +82,9 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, con
         kwargs["per_request_spec_decode_metrics"] = "summary"
     if engine.endswith("-sync"):
         kwargs["async_scheduling"] = False
-    llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=True, seed=0, dtype=dtype,
+    # enforce_eager=False is what `vllm serve` and LLM(...) give by default: on CPU vLLM 0.32 traces
+    # the target once with Dynamo and compiles it with Inductor (CompilationMode.DYNAMO_TRACE_ONCE).
+    llm = LLM(model=model, max_model_len=max_model_len, enforce_eager=not compiled, seed=0, dtype=dtype,
               speculative_config=_spec_config(engine, heads, k, policy), **kwargs)
     # Warm-up (first calls allocate / compile lazily).
     llm.generate(["Hello"], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -152,7 +154,8 @@ def _markdown(res: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.1f}' for x in res['load_average_at_write'])}). "
         f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
         f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
-        f"repeats = {cfg['repeats']} (median), dtype = {cfg.get('dtype', 'auto')}"
+        f"repeats = {cfg['repeats']} (median), dtype = {cfg.get('dtype', 'auto')}, "
+        f"{'compiled (vLLM default)' if cfg.get('compiled') else 'eager (enforce_eager=True)'}"
         + (f", entropy policy {cfg['entropy_policy']}" if cfg.get("entropy_policy") else "")
         + f". Wall time: {res['wall_s']:.0f} s."
         + ("" if res["complete"] else " **Partial run: not every cell finished.**"),
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/throughput", help="output path prefix (.json/.md)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="engine compute dtype for every engine (auto: the model's, bf16)")
+    ap.add_argument("--compile", action="store_true",
+                    help="run every engine as vLLM does by default (torch.compile of the target; "
+                         "without this flag every engine is eager, enforce_eager=True)")
     ap.add_argument("--acceptance-fit", default=None,
                     help="A,B of alpha = A + B * entropy (nats) for engine bebop-entropy (from the acceptance study)")
     ap.add_argument("--draft-token-cost", type=float, default=0.1,
@@ -253,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in engines:  # start one at a time: start-up is CPU-heavy
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, daemon=True,
-                           args=(e, args.model, heads, args.k, args.max_model_len, child, args.dtype, policy))
+                           args=(e, args.model, heads, args.k, args.max_model_len, child, args.dtype, policy,
+                                 args.compile))
         proc.start()
         print(f"starting engine {e} ...", file=sys.stderr, flush=True)
         if parent.recv() != "ready":
@@ -322,7 +329,8 @@ def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engin
         "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "k": args.k,
                    "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts_per_domain,
                    "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines,
-                   "dtype": args.dtype, "entropy_policy": args.entropy_policy},
+                   "dtype": args.dtype, "entropy_policy": args.entropy_policy,
+                   "compiled": args.compile},
         "wall_s": time.perf_counter() - t_start,
         "complete": len(cells) == planned,
         "cells": cells,

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", default=str(SHIPPED_HEADS_DIR), help="heads folder (default: shipped heads)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="engine dtype (auto: from the CPU flags)")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the target as vLLM does by default (without it: enforce_eager=True)")
     ap.add_argument("--top", type=int, default=45, help="lines per table (default 45)")
     ap.add_argument("--label", default="", help="suffix of the results file, e.g. before / after a change")
     ap.add_argument("--no-save", action="store_true", help="print only")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = spec_config(args.engine, args.heads, args.k)
     kwargs: dict[str, Any] = {"per_request_spec_decode_metrics": "summary"} if spec else {}
-    llm = LLM(model=args.model, max_model_len=1024, enforce_eager=True, seed=0, dtype=dtype,
+    llm = LLM(model=args.model, max_model_len=1024, enforce_eager=not args.compile, seed=0, dtype=dtype,
               max_num_seqs=max(args.batch, 8), speculative_config=spec, **kwargs)
     prompts = interleaved_prompts(args.model, ["math", "code", "agentic"], args.batch, 400)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=args.temperature, seed=None)
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     prefill = [(n, dt) for n, dt in step_log if n > args.batch * (args.k + 1)]
     buf = io.StringIO()
     header = (f"engine {args.engine}, batch {args.batch}, {args.tokens} tokens each, T = {args.temperature}, "
-              f"dtype {dtype}\ncommand: {command}\n{describe_machine(machine)}; load average at start "
+              f"dtype {dtype}, {'compiled' if args.compile else 'eager'}\ncommand: {command}\n"
+              f"{describe_machine(machine)}; load average at start "
               f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_start'] or [])}\n"
               f"generate {seconds:.3f} s, {tokens} tokens, {tokens / seconds:.1f} tok/s, {n_steps} engine steps, "
               f"{1000 * seconds / max(n_steps, 1):.2f} ms per step (profiler overhead included)\n"

@@ -16,6 +16,11 @@ float32 error, not a measured value that was then allowed: the test prints the m
 Negative controls (heads of another seed; depths shifted by one) must exceed ``CONTROL_MIN``
 (50x the tolerance), so the test tells a wrong head wiring (TV 0.5-1.0) from rounding by a wide
 margin.
+
+Two engines: eager (``enforce_eager=True``, what the benchmarks ran until 2026-12) and compiled
+(vLLM's default: on CPU the target and the head are traced once and compiled with Inductor;
+~2 minutes of start-up on 2 cores). The compiled engine also reports that both modules really
+were compiled, so its parity is not an eager run in disguise.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ def _model_dir() -> Path:
     return default_model_dir()
 
 
-def _worker(heads: str, out_path: str) -> None:
+def _worker(heads: str, out_path: str, mode: str) -> None:
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=str(_model_dir()), max_model_len=256, enforce_eager=True, seed=0, max_num_seqs=4, dtype=DTYPE,
+    llm = LLM(model=str(_model_dir()), max_model_len=256, enforce_eager=mode == "eager", seed=0, max_num_seqs=4,
+              dtype=DTYPE,
               speculative_config={"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC,
                                   # the reference drafts over the full vocabulary (the draft-vocabulary
                                   # path is checked by test_exactness's bebop_vocab engine)
@@ -58,7 +64,15 @@ def _worker(heads: str, out_path: str) -> None:
         out = llm.generate([prompt], SamplingParams(temperature=1.0, max_tokens=1, seed=3), use_tqdm=False)[0]
         rec = llm.collective_rpc(_take_record)[0]
         records.append({"prompt_ids": list(out.prompt_token_ids), "token": list(out.outputs[0].token_ids), **rec})
-    Path(out_path).write_text(json.dumps(records))
+    Path(out_path).write_text(json.dumps({"records": records, "compiled": llm.collective_rpc(_compiled)[0]}))
+
+
+def _compiled(worker) -> dict:
+    """Whether vLLM's support_torch_compile wrapper compiled the target and the head (the
+    attribute ``compiled`` is set by vllm/compilation/decorators.py once Inductor ran)."""
+    head = worker.model_runner.drafter.model.model
+    target = worker.model_runner.model.model
+    return {"head": bool(getattr(head, "compiled", False)), "target": bool(getattr(target, "compiled", False))}
 
 
 def _install_hook(worker) -> None:
@@ -82,14 +96,15 @@ def _take_record(worker) -> dict:
     return {"draft_ids": ids[0].tolist(), "probs": probs[0].float().tolist() if probs is not None else None}
 
 
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def parity(request, tmp_path_factory):
     from bebop_vllm.heads import init_random_heads
     from bebop_vllm.paths import SHIPPED_HEADS_DIR
 
     if not (_model_dir() / "config.json").is_file():
         pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
-    tmp = tmp_path_factory.mktemp("parity")
+    mode = request.param
+    tmp = tmp_path_factory.mktemp(f"parity-{mode}")
     if os.environ.get("BEBOP_TEST_HEADS"):
         heads = Path(os.environ["BEBOP_TEST_HEADS"])
     elif (SHIPPED_HEADS_DIR / "model.safetensors").is_file():
@@ -98,8 +113,10 @@ def parity(tmp_path_factory):
         heads = init_random_heads(_model_dir(), tmp / "heads", num_depths=NUM_SPEC, seed=0)
     other = init_random_heads(_model_dir(), tmp / "other", num_depths=NUM_SPEC, seed=1)
     out = tmp / "records.json"
-    records = run_engine_script(__file__, [str(heads), str(out)], out, timeout=900, label="parity engine")
-    return heads, other, records
+    result = run_engine_script(__file__, [str(heads), str(out), mode], out, timeout=900, label=f"{mode} parity engine")
+    want = mode == "compiled"
+    assert result["compiled"] == {"head": want, "target": want}, f"{mode} engine: {result['compiled']}"
+    return heads, other, result["records"]
 
 
 def _tv(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -136,4 +153,4 @@ def test_draft_distributions_match_reference(parity):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3])

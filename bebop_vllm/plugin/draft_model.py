@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ReplicatedLinear
@@ -72,8 +73,32 @@ def rows_matmul(rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: x @ rows.T
 
 
+def _compile_head(vllm_config: VllmConfig) -> bool:
+    """Compile the head where vLLM compiles the target on CPU (any mode but NONE, i.e. not
+    ``enforce_eager``). Left eager on accelerators: there a compiled drafter would also capture
+    CUDA graphs, a path no bebop test has run yet."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+# The shapes as vLLM's LlamaModel declares them (llama.py:337): dim 0 is the token count, one
+# symbol for all three. Explicit, since this module's annotations are strings (__future__).
+@support_torch_compile(
+    dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {0: "b"}, "hidden_states": {0: "b"}},
+    enable_if=_compile_head,
+)
 class BebopHeadModel(nn.Module):
-    """enorm/hnorm -> fc -> one decoder layer -> (norm(out), out)."""
+    """enorm/hnorm -> fc -> one decoder layer -> (norm(out), out).
+
+    ``module(...)`` runs the forward through vLLM's ``support_torch_compile`` wrapper
+    (vllm/compilation/decorators.py, vLLM 0.32.0), as vLLM's own EAGLE heads do (llama_eagle.py):
+    when the engine compiles its target (the default; not with ``enforce_eager``) the head's
+    forward is traced once at engine start and compiled with Inductor, which fuses the ~40 small
+    ops of a one-token head pass. The forward therefore has no data- or flag-dependent Python
+    branches: the KV-only pass (:meth:`write_kv_cache`) is called by :class:`BebopMTPModel`
+    outside it.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str, layer_index: int) -> None:
         super().__init__()
@@ -105,14 +130,23 @@ class BebopHeadModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds = self.enorm(self.embed_tokens(input_ids))
-        x = self.fc(torch.cat((embeds, self.hnorm(hidden_states)), dim=-1))
-        if self.kv_only:
-            self.write_kv_cache(positions, x)
-            return x, x  # placeholders: at K = 0 the proposer discards the pass's outputs
-        x, residual = self.layer(positions, x, None)
+        x, residual = self.layer(positions, self.fuse_inputs(input_ids, hidden_states), None)
         out = x + residual
         return self.norm(out), out
+
+    def fuse_inputs(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """fc(cat(enorm(embed(x_{t+1})), hnorm(h_t))): the decoder layer's input."""
+        embeds = self.enorm(self.embed_tokens(input_ids))
+        return self.fc(torch.cat((embeds, self.hnorm(hidden_states)), dim=-1))
+
+    def kv_only_pass(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass with ``kv_only`` set: write the KV cache, return placeholders (at K = 0 the
+        proposer discards the pass's outputs). Always eager."""
+        x = self.fuse_inputs(input_ids, hidden_states)
+        self.write_kv_cache(positions, x)
+        return x, x
 
     def supports_kv_only(self) -> bool:
         """Whether the layer's attention writes its KV cache in a separate op (then
@@ -234,6 +268,8 @@ class BebopMTPModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if inputs_embeds is not None:
             raise NotImplementedError("BebopMTPModel drafts from token ids, not input embeddings")
+        if self.model.kv_only:  # set by the draft_kv_only patch; a flag the compiled forward can't see
+            return self.model.kv_only_pass(input_ids, positions, hidden_states)
         return self.model(input_ids, positions, hidden_states)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
