@@ -209,6 +209,28 @@ def test_resolve_prefers_file_then_cache_then_calibration(tmp_path, monkeypatch)
     assert step_cost.resolve(cfg, runner=object()).source == "default"  # never stops the engine
 
 
+def test_eager_and_compiled_engines_do_not_share_a_step_cost_cache(tmp_path, monkeypatch):
+    from vllm.config import CompilationMode
+
+    from bebop_vllm import step_cost
+
+    monkeypatch.setenv("BEBOP_HOME", str(tmp_path))
+
+    def cfg(mode):
+        return types.SimpleNamespace(
+            additional_config={"bebop": {}}, model_config=types.SimpleNamespace(model="m", dtype="float32"),
+            speculative_config=types.SimpleNamespace(model="h", num_speculative_tokens=3),
+            parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
+            compilation_config=types.SimpleNamespace(mode=mode))
+
+    eager, compiled = cfg(CompilationMode.NONE), cfg(CompilationMode.DYNAMO_TRACE_ONCE)
+    assert step_cost.cache_key(eager)["compilation"] == "NONE"
+    assert step_cost.cache_key(compiled)["compilation"] == "DYNAMO_TRACE_ONCE"
+    assert step_cost.cache_path(step_cost.cache_key(eager)) != step_cost.cache_path(step_cost.cache_key(compiled))
+    assert step_cost.cache_path(step_cost.cache_key(eager)) == step_cost.cache_path(
+        step_cost.cache_key(cfg(CompilationMode.NONE)))
+
+
 # ------------------------------------------------------------------ scheduler planner (fakes)
 
 
