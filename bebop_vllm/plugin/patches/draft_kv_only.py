@@ -8,7 +8,10 @@ plain step with SmolLM2-135M on CPU. This wraps ``SpecDecodeBaseProposer.propose
 only when K = 0, the head runs :meth:`BebopHeadModel.write_kv_cache` (embed, fc, input norm,
 qkv, rotary, cache write) instead of the layer. Every other proposer and every K > 0 pass is
 untouched. Not used where the drafter may replay a CUDA graph (a captured graph would not see
-the switch) or where the attention backend writes the cache inside its forward.
+the switch) or where the attention backend writes the cache inside its forward. In a compiled
+engine the full pass is Inductor's fused code while the KV-only pass stays eager, so the two
+caches agree to float rounding rather than bit for bit (tests/test_draft_kv_only.py checks the
+bits on an eager engine); a difference there could only move acceptance, never exactness.
 """
 
 from __future__ import annotations
