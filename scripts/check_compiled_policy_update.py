@@ -26,18 +26,14 @@ ENGINE = dict(max_model_len=512, seed=0, max_num_seqs=16, dtype="float32")  # co
 
 
 def _engine(which: str, other: str, out: str) -> None:
-    from safetensors.torch import load_file
-    from test_rl_engine import MAX_TOKENS, PROMPTS
+    from test_rl_engine import MAX_TOKENS, PROMPTS, float32_weights
+    from test_rl_engine import _ids as ids
     from vllm import SamplingParams
 
     from bebop_vllm.paths import default_model_dir
     from bebop_vllm.rl import RolloutEngine
 
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-    def ids(outs: list) -> list[list[int]]:
-        return [list(o.outputs[0].token_ids) for o in outs]
-
     res: dict[str, object] = {}
     if which == "bebop":
         eng = RolloutEngine(None, num_speculative_tokens=3, speculative_options={"draft_length": "fixed"}, **ENGINE)
@@ -45,10 +41,7 @@ def _engine(which: str, other: str, out: str) -> None:
         res["before"] = ids(eng.generate(PROMPTS, greedy)[0])
         eng.update_policy(other, version="other")
         res["other"] = ids(eng.generate(PROMPTS, greedy)[0])
-        orig = {}
-        for f in sorted(default_model_dir().glob("*.safetensors")):
-            orig.update({k: v.float() for k, v in load_file(str(f)).items()})  # the engine runs float32
-        eng.update_policy(orig, version="orig")
+        eng.update_policy(float32_weights(default_model_dir()), version="orig")
         res["back"] = ids(eng.generate(PROMPTS, greedy)[0])
     else:
         eng = RolloutEngine(other, num_speculative_tokens=0, **ENGINE)

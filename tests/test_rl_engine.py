@@ -89,6 +89,16 @@ def _draft_vocab_heads(heads: str, out: Path) -> tuple[str, int]:
     return str(out), int((counts > 0).sum())
 
 
+def float32_weights(model_dir: Path) -> dict:
+    """A checkpoint's tensors as a float32 mapping (the engines' dtype, ENGINE), as a trainer pushes them."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+    return weights
+
+
 # -- subprocess bodies ----------------------------------------------------------------------------
 def _ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
@@ -124,10 +134,7 @@ def _main_policy(heads: str, other: str, vocab: int, out: str) -> None:
     res["weight_versions"] = str(getattr(outs[0].outputs[0], "weight_versions", None))
     res["stats_version"] = stats.policy_version
     # back to the original through a mapping (as a trainer would push its state_dict)
-    orig = {}
-    for f in sorted(default_model_dir().glob("*.safetensors")):
-        orig.update({k: v.float() for k, v in load_file(str(f)).items()})  # the engine runs float32
-    eng.update_policy(orig, version="orig-again")
+    eng.update_policy(float32_weights(default_model_dir()), version="orig-again")
     res["ids_orig_again"] = _ids(eng.generate(PROMPTS, greedy)[0])
     other_map = {}
     for f in sorted(Path(other).glob("*.safetensors")):
