@@ -20,6 +20,7 @@ from bebop_vllm.heads import (
     new_head,
     save_heads,
 )
+from bebop_vllm.heads.checkpoint import widen_mlp
 from bebop_vllm.heads.target import final_hidden_states, load_target_model
 from bebop_vllm.heads.tiny import make_tiny_target
 
@@ -73,6 +74,43 @@ def test_warm_start_is_the_identity_on_the_target_hidden_state(target: Path) -> 
     h = final_hidden_states(model, ids)
     r = head.unroll(ids[:, 1:], h[:, :-1], 1)[0]
     torch.testing.assert_close(head.logits(r), model(input_ids=ids).logits[:, :-1], rtol=1e-3, atol=1e-3)
+
+
+def test_widen_mlp_keeps_the_function_and_trains_the_new_units(heads: Path, target: Path, tmp_path: Path) -> None:
+    """A widened head computes what the narrow one did (new units have zero output weights),
+    yet the new units learn (their down_proj columns get gradient), and the width survives a
+    save/load round trip through config.json (which is what vLLM builds the draft layer from)."""
+    head = load_heads(heads, target)
+    with torch.no_grad():  # a head whose MLP does something (init_random_heads' is random already)
+        head.layer.mlp.down_proj.weight.normal_(0, 0.05)
+    wide = widen_mlp(head, 3 * head.shape.intermediate_size, seed=1)
+    assert wide.shape.intermediate_size == 3 * head.shape.intermediate_size
+    assert wide.layer.mlp.gate_proj.weight.shape == (3 * head.shape.intermediate_size, head.shape.hidden_size)
+    ids = torch.randint(0, 128, (1, 12))
+    hidden = final_hidden_states(load_target_model(target), ids)
+    narrow_out = head.unroll(ids[:, 1:], hidden[:, :-1], 3)
+    wide_out = wide.unroll(ids[:, 1:], hidden[:, :-1], 3)
+    for a, b in zip(narrow_out, wide_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    loss = sum(wide.logits(r).logsumexp(-1).sum() for r in wide_out)
+    loss.backward()
+    n = head.shape.intermediate_size
+    assert wide.layer.mlp.down_proj.weight.grad[:, n:].abs().sum() > 0
+    cfg = json.loads((target / "config.json").read_text())
+    save_heads(wide, tmp_path / "wide", cfg, head.metadata, dtype="fp32")
+    assert json.loads((tmp_path / "wide" / "config.json").read_text())["intermediate_size"] == 3 * n
+    back = load_heads(tmp_path / "wide", target)
+    assert back.shape.intermediate_size == 3 * n
+    torch.testing.assert_close(back.layer.mlp.up_proj.weight, wide.layer.mlp.up_proj.weight)
+
+
+def test_widen_mlp_refuses_to_narrow_and_new_heads_start_wide_as_identity(heads: Path, target: Path) -> None:
+    head = load_heads(heads, target)
+    with pytest.raises(BebopError, match="can only be widened"):
+        widen_mlp(head, head.shape.intermediate_size - 1)
+    wide = new_head(target, warm_start=True, intermediate_size=4 * head.shape.intermediate_size)
+    assert wide.layer.mlp.up_proj.weight.shape[0] == 4 * head.shape.intermediate_size
+    assert not wide.layer.mlp.down_proj.weight.any()  # still the identity start
 
 
 def test_hidden_state_is_post_final_norm(target: Path) -> None:

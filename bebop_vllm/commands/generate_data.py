@@ -68,10 +68,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     )
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float32"],
-        default="bfloat16",
-        help="vLLM compute dtype (default: bfloat16, what serving uses; float32 is faster on CPUs "
-        "without native bf16, e.g. AVX2-only)",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="vLLM compute dtype (default: auto = bfloat16 on CUDA or where the CPU has avx512_bf16/AMX, "
+        "float32 elsewhere: vLLM emulates bf16 on AVX2-only CPUs, several times slower)",
     )
     p.add_argument(
         "--chunk",
@@ -84,6 +84,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run(args: argparse.Namespace) -> int:
     from bebop_vllm.errors import BebopError
+    from bebop_vllm.hardware import fast_engine_dtype
     from bebop_vllm.paths import default_model_dir
     from bebop_vllm.train.dataset import default_data_dir
     from bebop_vllm.train.generate import generate_data
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         tuple(args.split or ("heldout", "train")),
         args.chunk,
         args.engine,
-        args.dtype,
+        fast_engine_dtype() if args.dtype == "auto" else args.dtype,
         samples or None,
         args.max_num_seqs,
     )

@@ -119,6 +119,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="start from the weights of this heads folder (e.g. CE heads, then fine-tune with --loss e2e-tv) "
         "instead of the identity start (default: identity start)",
     )
+    p.add_argument(
+        "--head-intermediate-size",
+        type=int,
+        default=None,
+        help="the head's MLP width (default: the target's, or that of --init-from). With --init-from, a larger "
+        "width widens the loaded head without changing what it computes (new units start with zero output "
+        "weights); vLLM serves the width from the head's config.json. Llama targets only",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument(
         "--no-target-pass",
@@ -179,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         train_on_prompts=args.train_on_prompts,
         stop_after=args.stop_after,
         init_from=args.init_from,
+        head_intermediate_size=args.head_intermediate_size,
         target_pass=not args.no_target_pass,
     )
     meta = train(cfg)

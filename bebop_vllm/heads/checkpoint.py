@@ -6,6 +6,7 @@ Saving, loading with validation (refusals name what is wrong), and random heads 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -55,11 +56,17 @@ def expected_tensor_shapes(shape: HeadShape) -> dict[str, tuple[int, ...]]:
     }
 
 
-def head_config(target_config: dict[str, Any], num_depths: int) -> dict[str, Any]:
-    """The head's ``config.json``: the target's HF config, as a one-layer ``BebopMTPModel``."""
+def head_config(
+    target_config: dict[str, Any], num_depths: int, intermediate_size: int | None = None
+) -> dict[str, Any]:
+    """The head's ``config.json``: the target's HF config, as a one-layer ``BebopMTPModel``.
+    ``intermediate_size``: the head's MLP width where it differs from the target's (a widened
+    head, :func:`widen_mlp`); vLLM builds the draft layer from this config, so it serves as is."""
     cfg = copy.deepcopy(target_config)
     cfg["architectures"] = [HEAD_ARCHITECTURE]
     cfg["num_hidden_layers"] = 1
+    if intermediate_size is not None:
+        cfg["intermediate_size"] = int(intermediate_size)
     cfg["bebop"] = {
         "num_depths": int(num_depths),
         "format_version": FORMAT_VERSION,
@@ -80,7 +87,8 @@ def save_heads(
     missing = set(expected_tensor_shapes(head.shape)) ^ set(tensors)
     assert not missing, f"head state_dict does not match the format: {sorted(missing)}"
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bebop_format_version": str(FORMAT_VERSION)})
-    (out / CONFIG_FILE).write_text(json.dumps(head_config(target_config, metadata.num_depths), indent=2) + "\n")
+    config = head_config(target_config, metadata.num_depths, head.shape.intermediate_size)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     write_metadata(out, metadata)
     return out
 
@@ -166,7 +174,49 @@ def load_heads(
     return head
 
 
-def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = False) -> BebopMTPHead:
+def widen_mlp(head: BebopMTPHead, intermediate_size: int, seed: int = 0) -> BebopMTPHead:
+    """A copy of ``head`` whose MLP has ``intermediate_size`` units, computing the same function.
+
+    Net2Wider-style: the old units keep their weights; each new unit gets random gate/up rows
+    (N(0, 0.02)) and a zero ``down_proj`` column, so it adds nothing at first but has gradient
+    (d loss / d down_proj column = the unit's activation, nonzero). A trained head thereby gains
+    capacity without losing what it learnt. Llama heads only: Qwen3.5 heads are exported into
+    the target's native MTP slots, whose shapes are fixed.
+    """
+    s = head.shape
+    if s.is_qwen3_5:
+        raise BebopError("Qwen3.5 heads keep the native MTP module's MLP width (its checkpoint slots are fixed)")
+    if intermediate_size < s.intermediate_size:
+        raise BebopError(
+            f"--head-intermediate-size {intermediate_size} is smaller than the head's MLP ({s.intermediate_size}); "
+            "a head can only be widened"
+        )
+    wide = BebopMTPHead(dataclasses.replace(s, intermediate_size=int(intermediate_size)))
+    ref = next(head.parameters())
+    wide.to(device=ref.device, dtype=ref.dtype)
+    old, new = head.layer.mlp, wide.layer.mlp
+    n = s.intermediate_size
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        state = {k: v for k, v in head.state_dict().items() if not k.startswith("layer.mlp.")}
+        wide.load_state_dict(state, strict=False)
+        for name in ("gate_proj", "up_proj"):
+            w = getattr(new, name).weight
+            w.copy_(torch.randn(w.shape, generator=gen).to(w.dtype) * 0.02)
+            w[:n] = getattr(old, name).weight
+        new.down_proj.weight.zero_()
+        new.down_proj.weight[:, :n] = old.down_proj.weight
+    if head.embed_weight.numel():
+        wide.attach_target(head.embed_weight, head.lm_head_weight)
+    for attr in ("metadata", "config"):
+        if hasattr(head, attr):
+            setattr(wide, attr, getattr(head, attr))
+    return wide
+
+
+def new_head(
+    target_model_dir: str | Path, seed: int = 0, warm_start: bool = False, intermediate_size: int | None = None
+) -> BebopMTPHead:
     """A fresh fp32 head for the target. Linear weights ~ N(0, initializer_range), norms = 1.
 
     ``warm_start`` (Llama targets): an identity start, Medusa style. ``o_proj`` and ``down_proj``
@@ -180,11 +230,20 @@ def new_head(target_model_dir: str | Path, seed: int = 0, warm_start: bool = Fal
     (Copying the target's last layer instead fed that layer an input ~25x smaller than the
     residual it was trained on: KL ~50 nats and alpha = 0 at step 0.)
 
-    Qwen3.5 targets ship a trained MTP module: ``warm_start`` starts from it."""
+    Qwen3.5 targets ship a trained MTP module: ``warm_start`` starts from it.
+    ``intermediate_size``: the head's MLP width (default: the target's); a wider MLP starts as
+    the identity too (``down_proj`` is zero)."""
     from bebop_vllm.heads.target import read_target_tensors
 
     tcfg = read_target_config(target_model_dir)
-    head = BebopMTPHead(HeadShape.from_hf_config(tcfg))
+    shape = HeadShape.from_hf_config(tcfg)
+    if intermediate_size is not None and intermediate_size != shape.intermediate_size:
+        if shape.is_qwen3_5:
+            raise BebopError("Qwen3.5 heads keep the native MTP module's MLP width (its checkpoint slots are fixed)")
+        if intermediate_size < 1:
+            raise BebopError(f"--head-intermediate-size must be at least 1, got {intermediate_size}")
+        shape = dataclasses.replace(shape, intermediate_size=int(intermediate_size))
+    head = BebopMTPHead(shape)
     gen = torch.Generator().manual_seed(seed)
     std = float(tcfg.get("initializer_range", 0.02))
     with torch.no_grad():

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from bebop_vllm.draft_vocab import write_probability_ranked_vocab
 from bebop_vllm.errors import BebopError
 from bebop_vllm.hardware import cpu_has_bf16
-from bebop_vllm.heads.checkpoint import load_heads, new_head, save_heads
+from bebop_vllm.heads.checkpoint import load_heads, new_head, save_heads, widen_mlp
 from bebop_vllm.heads.metadata import DataProvenance, HeadMetadata, HeldoutMetrics, tokenizer_fingerprint
 from bebop_vllm.heads.target import read_target_config
 from bebop_vllm.train import losses
@@ -82,6 +82,7 @@ class TrainConfig:
     end_at_step: int | None = None  # end training (then final eval + save) at this step; schedule still ``steps``
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
     init_from: Path | None = None  # heads folder to start from instead of the identity start
+    head_intermediate_size: int | None = None  # the head's MLP width (None: the target's, or init_from's)
     target_pass: bool = True  # False: train only on train sequences whose target pass is cached
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -174,9 +175,15 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         head = load_heads(cfg.init_from, cfg.model_dir)
         head.float()
         init_note = f"initialised from {cfg.init_from} (loss {head.metadata.loss}, {head.metadata.train_steps} steps); "
+        width = cfg.head_intermediate_size
+        if width is not None and width != head.shape.intermediate_size:
+            init_note += f"MLP widened {head.shape.intermediate_size} -> {width} units (function-preserving); "
+            head = widen_mlp(head, width, seed=cfg.seed)
     else:
-        head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True)
+        head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True, intermediate_size=cfg.head_intermediate_size)
         init_note = "identity start; "
+        if cfg.head_intermediate_size is not None:
+            init_note += f"MLP of {head.shape.intermediate_size} units; "
     # the draft vocabulary D: the tokens carrying the most target probability in the train data
     ranking = ranked_vocab(train_cache.mass)
     size = cfg.draft_vocab_size
