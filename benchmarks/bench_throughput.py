@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bebop_vllm.hardware import describe_machine, machine_info
+from bebop_vllm.hardware import describe_machine, fast_engine_dtype, machine_info
 
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
 # bebop, bebop-k2, bebop-sync, bebop-k2-sync, bebop-entropy, bebop-v4096, bebop-k1-v4096-sync, ...
@@ -204,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default=",".join(ENGINES), help="subset of engines to run")
     ap.add_argument("--out", default="benchmarks/results/throughput", help="output path prefix (.json/.md)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                    help="engine compute dtype for every engine (auto: the model's, bf16)")
+                    help="engine compute dtype for every engine (auto: bf16 on CUDA or where the CPU has "
+                         "avx512_bf16/AMX, float32 elsewhere, as the other benchmarks resolve it; the results "
+                         "record the resolved dtype)")
     ap.add_argument("--compile", action="store_true",
                     help="run every engine as vLLM does by default (torch.compile of the target; "
                          "without this flag every engine is eager, enforce_eager=True)")
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = {"acceptance_fit": [a, b], "draft_token_cost": args.draft_token_cost}
     args.entropy_policy = policy
     args.machine = machine_info()  # CPU model and flags, cores, versions; its load average is the run's start
+    if args.dtype == "auto":  # vLLM's own "auto" is the model's bf16, emulated (slow) on AVX2-only CPUs
+        args.dtype = fast_engine_dtype()  # recorded in the results' config
     needs_policy = [e for e in engines if (m := BEBOP_ENGINE.fullmatch(e)) and m["entropy"]]
     if needs_policy and policy is None:
         ap.error(f"engine(s) {needs_policy} need --acceptance-fit A,B")
