@@ -216,6 +216,12 @@ def compilation_mode(vllm_config: Any) -> str:
     return "NONE" if mode is None else str(getattr(mode, "name", mode))
 
 
+def _heads_draft_width(draft_model_config: Any) -> int | None:
+    """The heads' MLP width from their config.json (``intermediate_size``; None if unknown)."""
+    width = getattr(getattr(draft_model_config, "hf_config", None), "intermediate_size", None)
+    return int(width) if isinstance(width, int) else None
+
+
 def cache_key(vllm_config: Any) -> dict[str, Any]:
     from bebop_vllm.plugin.version import installed_vllm_version
 
@@ -227,6 +233,8 @@ def cache_key(vllm_config: Any) -> dict[str, Any]:
         "model": str(model_config.model),
         "dtype": str(model_config.dtype),
         "heads": str(getattr(spec, "model", None)),
+        # the draft layer's size: heads retrained in place with a wider MLP cost more per pass
+        "heads_draft_width": _heads_draft_width(getattr(spec, "draft_model_config", None)),
         "num_speculative_tokens": int(getattr(spec, "num_speculative_tokens", 0) or 0),
         "draft_vocab_size": opts.get("draft_vocab_size"),
         "draft_sampling": opts.get("draft_sampling"),

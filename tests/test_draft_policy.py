@@ -231,6 +231,24 @@ def test_eager_and_compiled_engines_do_not_share_a_step_cost_cache(tmp_path, mon
         step_cost.cache_key(cfg(CompilationMode.NONE)))
 
 
+
+def test_heads_widened_in_place_get_their_own_step_cost_cache(tmp_path, monkeypatch):
+    """Same heads path, wider MLP (``bebop train --head-intermediate-size``): a draft pass costs
+    more, so the calibration of the narrow heads must not be reused."""
+    from bebop_vllm import step_cost
+
+    monkeypatch.setenv("BEBOP_HOME", str(tmp_path))
+
+    def cfg(width):
+        draft = types.SimpleNamespace(hf_config=types.SimpleNamespace(intermediate_size=width))
+        return types.SimpleNamespace(
+            additional_config={"bebop": {}}, model_config=types.SimpleNamespace(model="m", dtype="float32"),
+            speculative_config=types.SimpleNamespace(model="h", num_speculative_tokens=3, draft_model_config=draft),
+            parallel_config=types.SimpleNamespace(tensor_parallel_size=1), compilation_config=None)
+
+    assert step_cost.cache_key(cfg(1536))["heads_draft_width"] == 1536
+    assert step_cost.cache_path(step_cost.cache_key(cfg(1536))) != step_cost.cache_path(step_cost.cache_key(cfg(3072)))
+
 # ------------------------------------------------------------------ scheduler planner (fakes)
 
 

@@ -17,9 +17,11 @@ Negative controls (heads of another seed; depths shifted by one) must exceed ``C
 (50x the tolerance), so the test tells a wrong head wiring (TV 0.5-1.0) from rounding by a wide
 margin.
 
-Two engines: eager (``enforce_eager=True``, what the benchmarks ran until 2026-12) and compiled
-(vLLM's default: on CPU the target and the head are traced once and compiled with Inductor;
-~2 minutes of start-up on 2 cores). The compiled engine also reports that both modules really
+Two engines: compiled (vLLM's default: on CPU the target and the head are traced once and
+compiled with Inductor; ~2 minutes of start-up on 2 cores) on the shipped heads, and eager
+(``enforce_eager=True``, what the benchmarks ran until 2026-12) on the shipped heads with their MLP
+widened 2x (``widen_mlp``: same function, a draft layer wider than the target's, which vLLM must
+build from the heads' config.json). The compiled engine also reports that both modules really
 were compiled, so its parity is not an eager run in disguise.
 """
 
@@ -96,7 +98,23 @@ def _take_record(worker) -> dict:
     return {"draft_ids": ids[0].tolist(), "probs": probs[0].float().tolist() if probs is not None else None}
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled"])
+def _widened(heads: Path, out: Path) -> Path:
+    """``heads`` with the MLP widened 2x (same function; the new units' output weights are 0)."""
+    import shutil
+
+    from bebop_vllm.heads.checkpoint import load_heads, save_heads, widen_mlp
+
+    head = load_heads(heads, _model_dir())
+    wide = widen_mlp(head, 2 * head.shape.intermediate_size, seed=0)
+    target_config = json.loads((_model_dir() / "config.json").read_text())
+    save_heads(wide, out, target_config, head.metadata, dtype="bf16")
+    if (heads / "draft_vocab.json").is_file():
+        shutil.copy(heads / "draft_vocab.json", out / "draft_vocab.json")
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 2 * head.shape.intermediate_size
+    return out
+
+
+@pytest.fixture(scope="module", params=["eager-widened", "compiled"])
 def parity(request, tmp_path_factory):
     from bebop_vllm.heads import init_random_heads
     from bebop_vllm.paths import SHIPPED_HEADS_DIR
@@ -111,10 +129,15 @@ def parity(request, tmp_path_factory):
         heads = SHIPPED_HEADS_DIR
     else:
         heads = init_random_heads(_model_dir(), tmp / "heads", num_depths=NUM_SPEC, seed=0)
+    if mode == "eager-widened":
+        heads = _widened(Path(heads), tmp / "widened")
     other = init_random_heads(_model_dir(), tmp / "other", num_depths=NUM_SPEC, seed=1)
     out = tmp / "records.json"
-    result = run_engine_script(__file__, [str(heads), str(out), mode], out, timeout=900, label=f"{mode} parity engine")
-    want = mode == "compiled"
+    engine_mode = mode.split("-")[0]
+    result = run_engine_script(
+        __file__, [str(heads), str(out), engine_mode], out, timeout=900, label=f"{mode} parity engine"
+    )
+    want = engine_mode == "compiled"
     assert result["compiled"] == {"head": want, "target": want}, f"{mode} engine: {result['compiled']}"
     return heads, other, result["records"]
 
