@@ -231,7 +231,6 @@ def test_eager_and_compiled_engines_do_not_share_a_step_cost_cache(tmp_path, mon
         step_cost.cache_key(cfg(CompilationMode.NONE)))
 
 
-
 def test_heads_widened_in_place_get_their_own_step_cost_cache(tmp_path, monkeypatch):
     """Same heads path, wider MLP (``bebop train --head-intermediate-size``): a draft pass costs
     more, so the calibration of the narrow heads must not be reused."""
@@ -248,6 +247,7 @@ def test_heads_widened_in_place_get_their_own_step_cost_cache(tmp_path, monkeypa
 
     assert step_cost.cache_key(cfg(1536))["heads_draft_width"] == 1536
     assert step_cost.cache_path(step_cost.cache_key(cfg(1536))) != step_cost.cache_path(step_cost.cache_key(cfg(3072)))
+
 
 # ------------------------------------------------------------------ scheduler planner (fakes)
 
