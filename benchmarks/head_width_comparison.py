@@ -32,13 +32,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bebop_vllm.hardware import describe_machine, machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _results
 from _results import write_results  # noqa: E402
-from recipe_comparison import evaluate  # noqa: E402
+from recipe_comparison import evaluate, paired, without_per_sequence  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "head_width_comparison"
@@ -84,16 +82,6 @@ def train(out: Path, args: argparse.Namespace, extra: list[str]) -> None:
         cmd += ["--threads", str(args.threads)]
     print("+ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True)
-
-
-def paired(a: dict, b: dict) -> dict:
-    """Mean per-sequence E[tokens/step] difference a - b, its standard error and the verdict."""
-    x = {s["seq"]: s["tau"] for s in a["per_sequence"]}
-    y = {s["seq"]: s["tau"] for s in b["per_sequence"]}
-    d = np.array([x[s] - y[s] for s in sorted(set(x) & set(y))])
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    verdict = "better" if d.mean() > 2 * se else ("worse" if d.mean() < -2 * se else "tie")
-    return {"mean_diff": float(d.mean()), "se": se, "verdict": verdict, "sequences": int(len(d))}
 
 
 def markdown(out: dict) -> str:
@@ -173,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads or os.cpu_count(),
         "machine": machine,
         "training": training,
-        "results": {
-            a: {t: {k: v for k, v in r.items() if k != "per_sequence"} for t, r in rs.items()}
-            for a, rs in results.items()
-        },
+        "results": without_per_sequence(results),
         "verdicts": verdicts,
     }
     write_results(args.out, out, markdown(out))

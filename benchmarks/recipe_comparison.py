@@ -145,6 +145,24 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     }
 
 
+def paired(a: dict, b: dict) -> dict:
+    """Mean per-sequence E[tokens/step] difference a - b (two ``evaluate`` results), its standard
+    error and the verdict of the rule fixed before the runs: "better" (worse) beyond +2 (-2) SE."""
+    x = {s["seq"]: s["tau"] for s in a["per_sequence"]}
+    y = {s["seq"]: s["tau"] for s in b["per_sequence"]}
+    d = np.array([x[s] - y[s] for s in sorted(set(x) & set(y))])
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    verdict = "better" if d.mean() > 2 * se else ("worse" if d.mean() < -2 * se else "tie")
+    return {"mean_diff": float(d.mean()), "se": se, "verdict": verdict, "sequences": int(len(d))}
+
+
+def without_per_sequence(results: dict) -> dict:
+    """``{arm: {T: evaluate result}}`` without the per-sequence lists (the results files' summary)."""
+    return {
+        a: {t: {k: v for k, v in r.items() if k != "per_sequence"} for t, r in rs.items()} for a, rs in results.items()
+    }
+
+
 def markdown(out: dict) -> str:
     """The results' markdown from the results dict (also renders results written before ``machine``)."""
     machine = f" Machine: {describe_machine(out['machine'])}." if out.get("machine") else ""
@@ -194,19 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {arm: {str(t): evaluate(work / arm, args.data, t) for t in (1.0, 0.7)} for arm in arms}
     verdicts = {}
     for t in ("1.0", "0.7"):
-        base = {s["seq"]: s["tau"] for s in results.get("e2e-tv", {}).get(t, {}).get("per_sequence", [])}
         for arm in arms:
-            if arm == "e2e-tv" or not base:
+            if arm == "e2e-tv" or not results.get("e2e-tv", {}).get(t, {}).get("per_sequence"):
                 continue
-            other = {s["seq"]: s["tau"] for s in results[arm][t]["per_sequence"]}
-            common = sorted(set(base) & set(other))
-            d = np.array([base[s] - other[s] for s in common])
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            verdicts[f"e2e-tv vs {arm} @T={t}"] = {
-                "mean_diff": float(d.mean()),
-                "se": float(se),
-                "verdict": "e2e-tv better" if d.mean() > 2 * se else ("e2e-tv worse" if d.mean() < -2 * se else "tie"),
-            }
+            v = paired(results["e2e-tv"][t], results[arm][t])
+            verdict = v["verdict"] if v["verdict"] == "tie" else f"e2e-tv {v['verdict']}"
+            verdicts[f"e2e-tv vs {arm} @T={t}"] = {"mean_diff": v["mean_diff"], "se": v["se"], "verdict": verdict}
     out = {
         "command": "python benchmarks/recipe_comparison.py " + " ".join(argv or sys.argv[1:]),
         "steps": args.steps,
@@ -218,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads or os.cpu_count(),
         "machine": machine,
-        "results": {
-            a: {t: {k: v for k, v in r.items() if k != "per_sequence"} for t, r in rs.items()}
-            for a, rs in results.items()
-        },
+        "results": without_per_sequence(results),
         "verdicts": verdicts,
     }
     write_results(args.out, out, markdown(out))
