@@ -112,7 +112,6 @@ def _accepted(outputs) -> list[list[int] | None]:
 def _main_policy(heads: str, other: str, vocab: int, out: str) -> None:
     """One bebop engine on the default model (optionally a draft vocabulary): updates and bad input."""
     import torch
-    from safetensors.torch import load_file
     from vllm import SamplingParams
 
     from bebop_vllm.paths import default_model_dir
@@ -136,9 +135,7 @@ def _main_policy(heads: str, other: str, vocab: int, out: str) -> None:
     # back to the original through a mapping (as a trainer would push its state_dict)
     eng.update_policy(float32_weights(default_model_dir()), version="orig-again")
     res["ids_orig_again"] = _ids(eng.generate(PROMPTS, greedy)[0])
-    other_map = {}
-    for f in sorted(Path(other).glob("*.safetensors")):
-        other_map.update(load_file(str(f)))
+    other_map = float32_weights(Path(other))  # already float32 (make_other_checkpoint)
     eng.update_policy(other_map, version="other-map")
     outs = eng.generate(PROMPTS, greedy)[0]
     res["ids_other_map"], res["acc_other_map"] = _ids(outs), _accepted(outs)
