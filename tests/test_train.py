@@ -267,6 +267,29 @@ def test_vocab_chains_score_the_exact_target_mass_inside_the_vocabulary(setup: t
     assert torch.equal(ids[sub.target_ids[inside]], full.target_ids[inside])
 
 
+def test_vocab_chains_head_input_changes_what_the_head_reads_not_the_target(setup: tuple[Path, Path]) -> None:
+    """``head_input`` replaces the head's input only: the target's distributions stay those of
+    ``hidden``, and the head's logits are those of a head fed ``head_input`` as its hidden state."""
+    from bebop_vllm.train.chains import vocab_chains
+
+    target, data = setup
+    held = load_split(data, "heldout")
+    cache = HiddenCache(data, "heldout", held, target)
+    cache.fill(list(range(len(held))), progress=False)
+    head = new_head(target, seed=3)
+    tokens = torch.from_numpy(held.sequence(2).astype(np.int64))
+    h, lse, first = cache.hidden(2), cache.log_normaliser(2), int(held.prompt_lens[2]) - 1
+    base = vocab_chains(head, tokens, h, lse, first, 3, 1.0)
+    same = vocab_chains(head, tokens, h, lse, first, 3, 1.0, head_input=h.clone())
+    torch.testing.assert_close(same.draft_logits, base.draft_logits)
+    other = torch.randn_like(h)
+    moved = vocab_chains(head, tokens, h, lse, first, 3, 1.0, head_input=other)
+    assert torch.equal(moved.target_probs, base.target_probs)
+    assert not torch.allclose(moved.draft_logits, base.draft_logits)
+    outs = head.unroll(tokens[1:][None], other[:-1][None], 3, first)
+    torch.testing.assert_close(moved.draft_logits[:, 0], head.logits(outs[0][0, first:]))
+
+
 
 def test_make_heads_chains_its_stages() -> None:
     import argparse
@@ -287,3 +310,28 @@ def test_make_heads_chains_its_stages() -> None:
     assert flag(plan["e2e-tv"], "--out") == "heads/x"
     with pytest.raises(BebopError, match="unknown stage"):
         commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))
+
+
+def test_aux_feature_head_starts_as_the_plain_head_and_learns_its_features(setup: tuple[Path, Path]) -> None:
+    """benchmarks/aux_features_pilot.py's arm: zero aux projection = the plain head's function;
+    the projection gets gradient, so the features can matter after a step."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from aux_features_pilot import AuxFeatureHead
+
+    target, data = setup
+    held = load_split(data, "heldout")
+    cache = HiddenCache(data, "heldout", held, target)
+    cache.fill(list(range(len(held))), progress=False)
+    plain = new_head(target, seed=1, warm_start=True)
+    aux = AuxFeatureHead(new_head(target, seed=1, warm_start=True), num_aux=2)
+    tokens = torch.from_numpy(held.sequence(0).astype(np.int64))
+    h = cache.hidden(0)
+    feats = torch.randn(h.shape[0], 2 * h.shape[1]) * torch.tensor([1.0, 100.0]).repeat_interleave(h.shape[1])
+    want = plain.unroll(tokens[1:][None], h[:-1][None], 3, 5)
+    got = aux.unroll(tokens[1:][None], torch.cat([h, feats], -1)[:-1][None], 3, 5)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g[:, 4:], w[:, 4:])
+    got[0][:, 5:].sum().backward()
+    assert aux.aux_fc.weight.grad is not None and aux.aux_fc.weight.grad.abs().sum() > 0

@@ -79,6 +79,7 @@ def vocab_chains(
     temperature: float,
     vocab_ids: torch.Tensor | None = None,
     lm_head_rows: torch.Tensor | None = None,
+    head_input: torch.Tensor | None = None,
 ) -> ChainBatch:
     """Every chain t in [``first_chain``, L - 2] of one sequence, with logits and target
     probabilities over the draft vocabulary D only (the trainer's fast path).
@@ -90,11 +91,15 @@ def vocab_chains(
     drafts with ``draft_vocab_size`` (zero outside D). ``vocab_ids`` [|D|] (None: the full
     vocabulary) and ``lm_head_rows`` = lm_head[vocab_ids] (precomputed once by the caller).
     ``target_ids`` index into D (-1, and ``ce_mask`` False, where the label lies outside D).
+    ``head_input`` [L, H'] is what the head reads at each position in place of ``hidden``
+    (default: ``hidden``), e.g. ``hidden`` with auxiliary target features appended for a head
+    whose ``unroll`` combines them; the target's distributions always come from ``hidden``.
     """
     length = tokens.shape[0]
     starts = torch.arange(max(first_chain, 0), length - 1)
     w = head.lm_head_weight if lm_head_rows is None else lm_head_rows
-    outs = head.unroll(tokens[1:][None], hidden[:-1][None].to(head.fc.weight.dtype), num_depths, int(starts[0]))
+    reads = hidden if head_input is None else head_input
+    outs = head.unroll(tokens[1:][None], reads[:-1][None].to(head.fc.weight.dtype), num_depths, int(starts[0]))
     depth = torch.arange(1, num_depths + 1)
     pos = starts[:, None] + depth[None, :] - 1  # where depth j of chain t runs
     mask = pos <= length - 2

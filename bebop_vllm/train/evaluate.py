@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -79,11 +81,13 @@ def evaluate_vocab(
     vocab_ids: torch.Tensor | None = None,
     lm_head_rows: torch.Tensor | None = None,
     progress: bool = True,
+    head_inputs: Callable[[int], torch.Tensor] | None = None,
 ) -> HeldoutMetrics:
     """Held-out acceptance of a head that drafts over the vocabulary ``vocab_ids`` (None: full),
     every completion chain, each sequence at its own sampling temperature: alpha_j = mean over
     chains with depth j of sum_{v in D} min(p_v, q_v) (q = 0 outside D, p exact); the expected
-    tokens per verify step is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i."""
+    tokens per verify step is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i.
+    ``head_inputs(i)``: what the head reads for sequence i (``vocab_chains``' ``head_input``)."""
     from bebop_vllm.train.chains import vocab_chains
 
     head.eval()
@@ -106,6 +110,7 @@ def evaluate_vocab(
                 float(seqs.temperatures[i]),
                 vocab_ids,
                 lm_head_rows,
+                None if head_inputs is None else head_inputs(i),
             )
         )
     head.train()
