@@ -60,6 +60,14 @@ def _cfg(setup: tuple[Path, Path], out: Path, **kw) -> TrainConfig:  # noqa: ANN
     return TrainConfig(**base)
 
 
+def _heldout_with_cache(target: Path, data: Path) -> tuple[SequenceSet, HiddenCache]:
+    """The held-out split and its target pass (computed once per module's data, then read back)."""
+    held = load_split(data, "heldout")
+    cache = HiddenCache(data, "heldout", held, target)
+    cache.fill(list(range(len(held))), progress=False)
+    return held, cache
+
+
 def test_dataset_round_trip(setup: tuple[Path, Path]) -> None:
     s = load_split(setup[1], "train")
     assert len(s) == 24 and s.sequence(3).dtype == np.int32 and len(s.sequence(3)) == 30
@@ -71,9 +79,7 @@ def test_dataset_round_trip(setup: tuple[Path, Path]) -> None:
 @pytest.mark.parametrize("loss", ["e2e-tv"])
 def test_tiny_training_lowers_heldout_e2e_tv_loss(setup: tuple[Path, Path], tmp_path: Path, loss: str) -> None:
     target, data = setup
-    held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(list(range(len(held))), progress=False)
+    held, cache = _heldout_with_cache(target, data)
     before = evaluate(new_head(target, warm_start=True), held, cache, list(range(len(held))), 3, 1.0, progress=False)
     meta = train(_cfg(setup, tmp_path / "h", loss=loss))
     after = meta.heldout
@@ -205,9 +211,7 @@ def test_target_cache_log_normaliser_and_mass(setup: tuple[Path, Path]) -> None:
     """p_v = exp(lm_head_v(h) / T - lse) sums to 1 over the full vocabulary; the per-token mass
     adds up to one unit per completion-predicting position."""
     target, data = setup
-    held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(list(range(len(held))), progress=False)
+    held, cache = _heldout_with_cache(target, data)
     head = new_head(target)
     for i in range(len(held)):
         z = cache.hidden(i) @ head.lm_head_weight.T / float(held.temperatures[i])
@@ -233,9 +237,7 @@ def test_identity_start_reproduces_the_target_hidden_state(setup: tuple[Path, Pa
     """At step 0 norm(r) is the target's h_t itself, so depth 1 drafts the target's own
     distribution at t (alpha > 0, no 50-nat start) and the layer/embedding paths are zero."""
     target, data = setup
-    held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(list(range(len(held))), progress=False)
+    held, cache = _heldout_with_cache(target, data)
     head = new_head(target, warm_start=True)
     h = cache.hidden(0)
     tokens = torch.from_numpy(held.sequence(0).astype(np.int64))
@@ -249,9 +251,7 @@ def test_vocab_chains_score_the_exact_target_mass_inside_the_vocabulary(setup: t
     from bebop_vllm.train.chains import sequence_chains, vocab_chains
 
     target, data = setup
-    held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(list(range(len(held))), progress=False)
+    held, cache = _heldout_with_cache(target, data)
     head = new_head(target, seed=3)
     tokens = torch.from_numpy(held.sequence(1).astype(np.int64))
     plen = int(held.prompt_lens[1])
@@ -273,9 +273,7 @@ def test_vocab_chains_head_input_changes_what_the_head_reads_not_the_target(setu
     from bebop_vllm.train.chains import vocab_chains
 
     target, data = setup
-    held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(list(range(len(held))), progress=False)
+    held, cache = _heldout_with_cache(target, data)
     head = new_head(target, seed=3)
     tokens = torch.from_numpy(held.sequence(2).astype(np.int64))
     h, lse, first = cache.hidden(2), cache.log_normaliser(2), int(held.prompt_lens[2]) - 1
@@ -321,9 +319,7 @@ def test_aux_feature_head_starts_as_the_plain_head_and_learns_its_features(setup
     from aux_features_pilot import AuxFeatureHead
 
     target, data = setup
-    held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, target)
-    cache.fill(list(range(len(held))), progress=False)
+    held, cache = _heldout_with_cache(target, data)
     plain = new_head(target, seed=1, warm_start=True)
     aux = AuxFeatureHead(new_head(target, seed=1, warm_start=True), num_aux=2)
     tokens = torch.from_numpy(held.sequence(0).astype(np.int64))
