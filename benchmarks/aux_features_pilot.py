@@ -49,7 +49,7 @@ from bebop_vllm.train.target_cache import HiddenCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
-from recipe_comparison import paired  # noqa: E402
+from recipe_comparison import paired, per_sequence_metrics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "aux_features_pilot"
 
@@ -221,22 +221,8 @@ def evaluate_arm(
     lm_rows: torch.Tensor,
 ) -> dict:
     """Per-sequence teacher-forced metrics (the shape ``recipe_comparison.paired`` takes)."""
-    from bebop_vllm.train.evaluate import evaluate_vocab
-
-    per_seq = []
-    for i in held_idx:
-        reads = None if feats is None else (lambda k: torch.cat([held_cache.hidden(k), feats.get(k)], dim=-1))
-        m = evaluate_vocab(head, held_set, held_cache, [i], 3, vocab_ids, lm_rows, progress=False, head_inputs=reads)
-        if m.num_chains:
-            per_seq.append({"seq": i, "tau": m.expected_accepted_length, "alphas": m.alphas, "chains": m.num_chains})
-    w = np.array([s["chains"] for s in per_seq], dtype=float)
-    return {
-        "sequences": len(per_seq),
-        "chains": int(w.sum()),
-        "expected_tokens_per_step": float((np.array([s["tau"] for s in per_seq]) * w).sum() / w.sum()),
-        "alphas": [float(x) for x in (np.array([s["alphas"] for s in per_seq]) * w[:, None]).sum(0) / w.sum()],
-        "per_sequence": per_seq,
-    }
+    reads = None if feats is None else (lambda k: torch.cat([held_cache.hidden(k), feats.get(k)], dim=-1))
+    return per_sequence_metrics(head, held_set, held_cache, held_idx, 3, vocab_ids, lm_rows, reads)
 
 
 def markdown(out: dict) -> str:

@@ -25,11 +25,20 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bebop_vllm.hardware import describe_machine, machine_info
+
+if TYPE_CHECKING:  # the heavy imports stay inside the functions (``--help`` without torch)
+    import torch
+
+    from bebop_vllm.heads.module import BebopMTPHead
+    from bebop_vllm.train.dataset import SequenceSet
+    from bebop_vllm.train.target_cache import HiddenCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, for _results
 from _results import write_results  # noqa: E402
@@ -109,7 +118,6 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     from bebop_vllm.heads.checkpoint import load_heads
     from bebop_vllm.paths import default_model_dir
     from bebop_vllm.train.dataset import default_data_dir, load_split
-    from bebop_vllm.train.evaluate import evaluate_vocab
     from bebop_vllm.train.target_cache import HiddenCache
     from bebop_vllm.train.trainer import compute_dtype, select
 
@@ -124,19 +132,35 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     size = trained_draft_vocab_size(head_dir)
     vocab = torch.tensor(sorted(ids[:size])) if size else None
     rows = None if vocab is None else head.lm_head_weight[vocab].contiguous()
-    per_seq = []
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype("auto") == torch.bfloat16):
-        for i in idx:
-            m = evaluate_vocab(head, held, cache, [i], head.metadata.num_depths, vocab, rows, progress=False)
-            if m.num_chains:
-                per_seq.append(
-                    {"seq": i, "tau": m.expected_accepted_length, "alphas": m.alphas, "chains": m.num_chains}
-                )
+        metrics = per_sequence_metrics(head, held, cache, idx, head.metadata.num_depths, vocab, rows)
+    return {"temperature": temperature, **metrics}
+
+
+def per_sequence_metrics(
+    head: BebopMTPHead,
+    held: SequenceSet,
+    cache: HiddenCache,
+    indices: list[int],
+    num_depths: int,
+    vocab: torch.Tensor | None,
+    rows: torch.Tensor | None,
+    head_inputs: Callable[[int], torch.Tensor] | None = None,
+) -> dict:
+    """Teacher-forced metrics of ``head`` per held-out sequence (``evaluate_vocab`` on each alone,
+    for the paired verdicts) and their chain-weighted means; ``head_inputs`` as in
+    ``evaluate_vocab``."""
+    from bebop_vllm.train.evaluate import evaluate_vocab
+
+    per_seq = []
+    for i in indices:
+        m = evaluate_vocab(head, held, cache, [i], num_depths, vocab, rows, progress=False, head_inputs=head_inputs)
+        if m.num_chains:
+            per_seq.append({"seq": i, "tau": m.expected_accepted_length, "alphas": m.alphas, "chains": m.num_chains})
     w = np.array([s["chains"] for s in per_seq], dtype=float)
     tau = np.array([s["tau"] for s in per_seq])
     alphas = np.array([s["alphas"] for s in per_seq])
     return {
-        "temperature": temperature,
         "sequences": len(per_seq),
         "chains": int(w.sum()),
         "expected_tokens_per_step": float((tau * w).sum() / w.sum()),
