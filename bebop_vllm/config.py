@@ -181,6 +181,22 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items()}
 
 
+def _check_aux_layers(path: Path, config: dict, target_hf_config: Any) -> None:
+    """Heads with aux layers: ids inside the target, and the capture list vLLM reads
+    (``eagle_aux_hidden_state_layer_ids``) = those ids + the target's last layer."""
+    ids = (config.get("bebop") or {}).get("aux_layer_ids") or []
+    if not ids:
+        return
+    layers = int(getattr(target_hf_config, "num_hidden_layers", -1))
+    if not all(isinstance(i, int) and 1 <= i < layers for i in ids) or ids != sorted(set(ids)):
+        raise BebopSpecError(f"{path / 'config.json'}: bebop.aux_layer_ids {ids} must be ascending layer ids in "
+                             f"1..{layers - 1} for this {layers}-layer target")
+    capture = config.get("eagle_aux_hidden_state_layer_ids")
+    if capture != [*ids, layers]:
+        raise BebopSpecError(f"{path / 'config.json'}: eagle_aux_hidden_state_layer_ids is {capture}, expected "
+                             f"{[*ids, layers]} (the aux layers, then the target's last layer)")
+
+
 def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any, target_model_dir: str | None = None) -> int:
     """Check a heads folder against the target model; return its trained depth g.
 
@@ -241,6 +257,7 @@ def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any, target_mode
             raise BebopSpecError(
                 f"heads tensor {name!r} has shape {shapes[name]}, expected {shape} for a target "
                 f"with hidden_size={hidden}")
+    _check_aux_layers(path, config, target_hf_config)
     if target_model_dir is not None and Path(target_model_dir).is_dir():
         from bebop_vllm.heads import load_heads
 

@@ -196,3 +196,124 @@ def test_refuses_missing_files_and_bad_metadata(heads: Path, tmp_path: Path) -> 
     (broken / "bebop.json").write_text('{"format_version": 1}')
     with pytest.raises(BebopError, match="not valid head metadata"):
         load_heads(broken)
+
+
+# -- heads with EAGLE-3-style aux features ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer tiny target: aux layer ids 1..3 are valid, 4 is its last layer."""
+    return make_tiny_target(tmp_path_factory.mktemp("target4"), num_layers=4)
+
+
+def _features(target: Path, ids: torch.Tensor, aux_ids: tuple[int, ...]) -> torch.Tensor:
+    """[L, (n + 1) H] = [aux features, h]: what an aux head reads (BebopMTPHead.combine's layout)."""
+    from bebop_vllm.heads.target import target_states
+
+    hidden, aux = target_states(load_target_model(target), ids[None], aux_ids)
+    return torch.cat([aux[0], hidden[0]], dim=-1)
+
+
+def test_aux_heads_follow_the_format_and_round_trip(target4: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file as load
+
+    head = new_head(target4, seed=2, warm_start=True, aux_layer_ids=(1, 3))
+    with torch.no_grad():
+        head.aux_fc.weight.normal_(0, 0.05)
+    meta = load_heads(init_random_heads(target4, tmp_path / "ref")).metadata
+    save_heads(head, tmp_path / "aux", json.loads((target4 / "config.json").read_text()), meta, dtype="fp32")
+    cfg = json.loads((tmp_path / "aux" / "config.json").read_text())
+    assert cfg["bebop"]["aux_layer_ids"] == [1, 3]
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]  # + the last layer: serving rebuilds h_t from it
+    tensors = load(str(tmp_path / "aux" / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == expected_tensor_shapes(head.shape)
+    assert tensors["aux_fc.weight"].shape == (64, 128) and "aux_norms.1.weight" in tensors
+    norm = load_file(str(next(target4.glob("*.safetensors"))))["model.norm.weight"]
+    torch.testing.assert_close(tensors["target_norm.weight"], norm.float())
+    back = load_heads(tmp_path / "aux", target4)
+    assert back.shape.aux_layer_ids == (1, 3) and not back.target_norm.weight.requires_grad
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, back.state_dict()[name]), name
+
+
+def test_aux_heads_start_as_the_plain_head(target4: Path) -> None:
+    """A new aux head and a plain head given aux layers compute the plain head's function (zero
+    aux_fc, whatever the features' scale); the projection gets gradient."""
+    from bebop_vllm.heads.checkpoint import add_aux_layers
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (12,))
+    h = final_hidden_states(load_target_model(target4), ids[None])[0]
+    feats = torch.cat([torch.randn(12, 64) * 100.0, torch.randn(12, 64) * 0.01, h], dim=-1)
+    plain = new_head(target4, seed=1, warm_start=True)
+    with torch.no_grad():  # a "trained" plain head: the identity start's zero paths filled in
+        plain.layer.mlp.down_proj.weight.normal_(0, 0.02)
+        plain.fc.weight.normal_(0, 0.05)
+    want = plain.unroll(ids[1:][None], h[:-1][None], 3)
+    added = add_aux_layers(plain, (1, 3), target4)
+    fresh = new_head(target4, seed=1, warm_start=True, aux_layer_ids=(1, 3))
+    fresh.load_state_dict(added.state_dict())
+    for head in (added, fresh):
+        got = head.unroll(ids[1:][None], feats[:-1][None], 3)
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w, g)
+    added.unroll(ids[1:][None], feats[:-1][None], 3)[0].sum().backward()
+    assert added.aux_fc.weight.grad is not None and added.aux_fc.weight.grad.abs().sum() > 0
+    with pytest.raises(BebopError, match="already reads aux layers"):
+        add_aux_layers(added, (2,), target4)
+
+
+def test_aux_head_unroll_matches_sequential_drafting_and_the_reference(target4: Path, tmp_path: Path) -> None:
+    """With a non-zero projection: the trainer's unroll on [aux features, h] = sequential drafting
+    = draft_reference (which runs the target itself and must pick the same layers)."""
+    head = new_head(target4, seed=4, warm_start=True, aux_layer_ids=(1, 3))
+    with torch.no_grad():
+        head.aux_fc.weight.normal_(0, 0.2)
+        head.layer.mlp.down_proj.weight.normal_(0, 0.02)
+    meta = load_heads(init_random_heads(target4, tmp_path / "ref")).metadata
+    save_heads(head, tmp_path / "aux", json.loads((target4 / "config.json").read_text()), meta, dtype="fp32")
+    head = load_heads(tmp_path / "aux", target4)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (14,))
+    feats = _features(target4, ids, (1, 3))
+    plain_feats = torch.cat([feats[:, :64], feats[:, 64:128] * 0, feats[:, -64:]], dim=-1)  # layer 3 zeroed
+    outs = head.unroll(ids[1:][None], feats[:-1][None], 3)
+    for t in (0, 6, 10):
+        q = draft_chain_probs(head, feats, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+        for j in range(3):
+            torch.testing.assert_close(torch.softmax(head.logits(outs[j][0, t + j]), -1), q[j], atol=1e-6, rtol=1e-5)
+        ref = draft_reference(target4, tmp_path / "aux", ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+        torch.testing.assert_close(ref, q, atol=1e-6, rtol=1e-5)
+        # negative control: the features matter (another layer's block zeroed changes the drafts)
+        other = draft_chain_probs(head, plain_feats, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+        assert 0.5 * (other - q).abs().sum(-1).max() > 1e-3
+
+
+@pytest.mark.parametrize("ids", [(0,), (4,), (3, 1), (2, 2)])
+def test_aux_layer_ids_are_checked(target4: Path, ids: tuple[int, ...]) -> None:
+    with pytest.raises(BebopError, match=r"aux layer ids must be ascending, distinct and in 1\.\.3"):
+        new_head(target4, aux_layer_ids=ids)
+
+
+def test_aux_heads_refuse_features_of_the_wrong_width(target4: Path) -> None:
+    head = new_head(target4, aux_layer_ids=(1, 3))
+    with pytest.raises(BebopError, match=r"target features of width 192 \(2 aux layers \+ h_t\), got 64"):
+        head.combine(torch.zeros(2, 64))
+
+
+def test_serving_refuses_aux_heads_whose_capture_list_is_wrong(target4: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bebop_vllm.config import BebopSpecError, validate_heads_dir
+
+    head = new_head(target4, aux_layer_ids=(1, 3))
+    meta = load_heads(init_random_heads(target4, tmp_path / "ref")).metadata
+    out = save_heads(head, tmp_path / "aux", json.loads((target4 / "config.json").read_text()), meta)
+    tcfg = SimpleNamespace(**json.loads((target4 / "config.json").read_text()))
+    assert validate_heads_dir(out, tcfg, str(target4)) == meta.num_depths
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["eagle_aux_hidden_state_layer_ids"] = [1, 3]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BebopSpecError, match=r"eagle_aux_hidden_state_layer_ids is \[1, 3\], expected \[1, 3, 4\]"):
+        validate_heads_dir(out, tcfg, str(target4))

@@ -142,6 +142,14 @@ def test_cli_refuses_bad_input(setup: tuple[Path, Path], tmp_path: Path, capsys:
         == 1
     )
     assert "no train sequences at T in (0.5,)" in capsys.readouterr().err
+    base = ["train", "--out", str(tmp_path / "x"), "--model", str(target), "--data", str(data)]
+    assert main([*base, "--aux-layers", "5"]) == 1  # the tiny target has 2 layers
+    assert "aux layer ids must be ascending, distinct and in 1..1 for this 2-layer target, got [5]" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main([*base, "--aux-layers", "3,1"])
+    assert "layer ids must be positive, distinct and ascending, got '3,1'" in capsys.readouterr().err
 
 
 class _FakeTokenizer:
@@ -310,24 +318,45 @@ def test_make_heads_chains_its_stages() -> None:
         commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))
 
 
-def test_aux_feature_head_starts_as_the_plain_head_and_learns_its_features(setup: tuple[Path, Path]) -> None:
-    """benchmarks/aux_features_pilot.py's arm: zero aux projection = the plain head's function;
-    the projection gets gradient, so the features can matter after a step."""
-    import sys
+def test_target_pass_caches_aux_features_without_recounting_the_mass(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """A split cached without aux layers gains them in a second pass: the features equal a direct
+    target_states pass ([aux, h] per position), the hidden states, normalisers and mass stay."""
+    import shutil
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from aux_features_pilot import AuxFeatureHead
+    from bebop_vllm.heads.target import target_states
 
     target, data = setup
-    held, cache = _heldout_with_cache(target, data)
-    plain = new_head(target, seed=1, warm_start=True)
-    aux = AuxFeatureHead(new_head(target, seed=1, warm_start=True), num_aux=2)
-    tokens = torch.from_numpy(held.sequence(0).astype(np.int64))
-    h = cache.hidden(0)
-    feats = torch.randn(h.shape[0], 2 * h.shape[1]) * torch.tensor([1.0, 100.0]).repeat_interleave(h.shape[1])
-    want = plain.unroll(tokens[1:][None], h[:-1][None], 3, 5)
-    got = aux.unroll(tokens[1:][None], torch.cat([h, feats], -1)[:-1][None], 3, 5)
-    for w, g in zip(want, got, strict=True):
-        torch.testing.assert_close(g[:, 4:], w[:, 4:])
-    got[0][:, 5:].sum().backward()
-    assert aux.aux_fc.weight.grad is not None and aux.aux_fc.weight.grad.abs().sum() > 0
+    shutil.copytree(data / "heldout", tmp_path / "heldout")
+    held = load_split(tmp_path, "heldout")
+    plain = HiddenCache(tmp_path, "heldout", held, target)
+    plain.fill(list(range(len(held))), progress=False)
+    mass, h0 = plain.mass.copy(), plain.hidden(0)
+    aux = HiddenCache(tmp_path, "heldout", held, target, (1,))
+    assert aux.done == plain.done and not aux.aux_done and aux.is_missing(0)
+    aux.fill([0, 1], progress=False)
+    assert aux.aux_done == {0, 1} and np.array_equal(aux.mass, mass) and torch.equal(aux.hidden(0), h0)
+    again = HiddenCache(tmp_path, "heldout", held, target, (1,))  # read back from disk
+    assert again.aux_done == {0, 1} and not again.is_missing(1) and again.is_missing(2)
+    ids = torch.from_numpy(held.sequence(0).astype(np.int64))
+    hidden, feats = target_states(load_target_model(target), ids[None], (1,))
+    want = torch.cat([feats[0], hidden[0]], dim=-1)
+    torch.testing.assert_close(again.features(0), want.half().float(), atol=0, rtol=0)
+    with pytest.raises(IndexError, match="no cached aux features"):
+        again.features(2)
+
+
+def test_training_adds_aux_layers_to_a_head_and_saves_them(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--init-from`` a plain head + ``aux_layer_ids``: the run starts from the same function
+    (function-preserving), trains the projection and writes a servable aux head."""
+    target, _ = setup
+    plain = train(_cfg(setup, tmp_path / "plain", steps=4))
+    assert plain is not None
+    meta = train(_cfg(setup, tmp_path / "aux", steps=6, init_from=tmp_path / "plain", aux_layer_ids=(1,),
+                      loss="kl"))
+    assert meta is not None and "aux features of target layers [1] added" in meta.notes
+    head = load_heads(tmp_path / "aux", target)
+    assert head.shape.aux_layer_ids == (1,) and head.aux_fc.weight.abs().sum() > 0
+    cfg = json.loads((tmp_path / "aux" / "config.json").read_text())
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2]
+    with pytest.raises(BebopError, match=r"reads aux layers \[1\]; --aux-layers \[2\] cannot change them"):
+        train(_cfg(setup, tmp_path / "aux2", steps=1, init_from=tmp_path / "aux", aux_layer_ids=(2,)))

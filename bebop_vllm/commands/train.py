@@ -6,6 +6,16 @@ import argparse
 from pathlib import Path
 
 
+def _layer_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer ids such as 2,15,27, got {text!r}") from None
+    if list(ids) != sorted(set(ids)) or any(i < 1 for i in ids):
+        raise argparse.ArgumentTypeError(f"layer ids must be positive, distinct and ascending, got {text!r}")
+    return ids
+
+
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
@@ -127,6 +137,16 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "width widens the loaded head without changing what it computes (new units start with zero output "
         "weights); vLLM serves the width from the head's config.json. Llama targets only",
     )
+    p.add_argument(
+        "--aux-layers",
+        type=_layer_ids,
+        default=(),
+        help="comma-separated target layer ids whose residual stream the head also reads (EAGLE-3-style "
+        "features; vLLM's numbering: id i = the output of layer i - 1), e.g. 2,15,27 for a 30-layer target. "
+        "With --init-from a head without them, they are added without changing what it computes (their "
+        "projection starts at zero). The target pass then also caches these layers (+2 bytes x H per layer "
+        "and token). Default: none, or those of --init-from",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument(
         "--no-target-pass",
@@ -188,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         init_from=args.init_from,
         head_intermediate_size=args.head_intermediate_size,
+        aux_layer_ids=args.aux_layers,
         target_pass=not args.no_target_pass,
     )
     meta = train(cfg)

@@ -39,7 +39,11 @@ def expected_tensor_shapes(shape: HeadShape) -> dict[str, tuple[int, ...]]:
     h, i, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
     nq, nkv = shape.num_attention_heads * d, shape.num_key_value_heads * d
     qwen = {"layer.self_attn.q_norm.weight": (d,), "layer.self_attn.k_norm.weight": (d,)} if shape.is_qwen3_5 else {}
-    return qwen | {
+    n = len(shape.aux_layer_ids)
+    aux = {f"aux_norms.{k}.weight": (h,) for k in range(n)}
+    if n:
+        aux |= {"aux_fc.weight": (h, n * h), "target_norm.weight": (h,)}
+    return qwen | aux | {
         "enorm.weight": (h,),
         "hnorm.weight": (h,),
         "fc.weight": (h, 2 * h),
@@ -57,11 +61,22 @@ def expected_tensor_shapes(shape: HeadShape) -> dict[str, tuple[int, ...]]:
 
 
 def head_config(
-    target_config: dict[str, Any], num_depths: int, intermediate_size: int | None = None
+    target_config: dict[str, Any],
+    num_depths: int,
+    intermediate_size: int | None = None,
+    aux_layer_ids: tuple[int, ...] = (),
 ) -> dict[str, Any]:
     """The head's ``config.json``: the target's HF config, as a one-layer ``BebopMTPModel``.
     ``intermediate_size``: the head's MLP width where it differs from the target's (a widened
-    head, :func:`widen_mlp`); vLLM builds the draft layer from this config, so it serves as is."""
+    head, :func:`widen_mlp`); vLLM builds the draft layer from this config, so it serves as is.
+    ``aux_layer_ids``: an aux head's target layers (``bebop.aux_layer_ids``); serving captures
+    them plus the final layer's output (``eagle_aux_hidden_state_layer_ids``, the key vLLM's
+    runner reads, gpu_model_runner.py:5251 ``_get_eagle3_aux_layers_from_config``, vLLM 0.32)."""
+    num_layers = int(target_config["num_hidden_layers"])
+    bad = [i for i in aux_layer_ids if not 1 <= i < num_layers]
+    if bad or list(aux_layer_ids) != sorted(set(aux_layer_ids)):
+        raise BebopError(f"aux layer ids must be ascending, distinct and in 1..{num_layers - 1} for this "
+                         f"{num_layers}-layer target, got {list(aux_layer_ids)}")
     cfg = copy.deepcopy(target_config)
     cfg["architectures"] = [HEAD_ARCHITECTURE]
     cfg["num_hidden_layers"] = 1
@@ -72,6 +87,9 @@ def head_config(
         "format_version": FORMAT_VERSION,
         "target_architecture": (target_config.get("architectures") or ["?"])[0],
     }
+    if aux_layer_ids:
+        cfg["bebop"]["aux_layer_ids"] = [int(i) for i in aux_layer_ids]
+        cfg["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in aux_layer_ids] + [num_layers]
     return cfg
 
 
@@ -87,7 +105,7 @@ def save_heads(
     missing = set(expected_tensor_shapes(head.shape)) ^ set(tensors)
     assert not missing, f"head state_dict does not match the format: {sorted(missing)}"
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bebop_format_version": str(FORMAT_VERSION)})
-    config = head_config(target_config, metadata.num_depths, head.shape.intermediate_size)
+    config = head_config(target_config, metadata.num_depths, head.shape.intermediate_size, head.shape.aux_layer_ids)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     write_metadata(out, metadata)
     return out
@@ -214,8 +232,39 @@ def widen_mlp(head: BebopMTPHead, intermediate_size: int, seed: int = 0) -> Bebo
     return wide
 
 
+def add_aux_layers(head: BebopMTPHead, aux_layer_ids: tuple[int, ...], target_model_dir: str | Path) -> BebopMTPHead:
+    """A copy of a plain ``head`` that also reads the target's residual stream after
+    ``aux_layer_ids`` (EAGLE-3-style features), computing the same function: its ``aux_fc`` is
+    zero, so a trained head gains the features' input path without losing what it learnt."""
+    from bebop_vllm.heads.target import read_target_tensors
+
+    if head.shape.aux_layer_ids:
+        raise BebopError(f"the head already reads aux layers {list(head.shape.aux_layer_ids)}")
+    if head.shape.is_qwen3_5:
+        raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
+    head_config(read_target_config(target_model_dir), 1, aux_layer_ids=tuple(aux_layer_ids))  # validates the ids
+    aux = BebopMTPHead(dataclasses.replace(head.shape, aux_layer_ids=tuple(int(i) for i in aux_layer_ids)))
+    ref = next(head.parameters())
+    aux.to(device=ref.device, dtype=ref.dtype)
+    missing, unexpected = aux.load_state_dict(head.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("aux_", "target_norm")) for k in missing), (missing, unexpected)
+    with torch.no_grad():
+        norm_w = read_target_tensors(target_model_dir, ["model.norm.weight"])["model.norm.weight"]
+        aux.target_norm.weight.copy_(norm_w.to(ref.dtype))
+    if head.embed_weight.numel():
+        aux.attach_target(head.embed_weight, head.lm_head_weight)
+    for attr in ("metadata", "config"):
+        if hasattr(head, attr):
+            setattr(aux, attr, getattr(head, attr))
+    return aux
+
+
 def new_head(
-    target_model_dir: str | Path, seed: int = 0, warm_start: bool = False, intermediate_size: int | None = None
+    target_model_dir: str | Path,
+    seed: int = 0,
+    warm_start: bool = False,
+    intermediate_size: int | None = None,
+    aux_layer_ids: tuple[int, ...] = (),
 ) -> BebopMTPHead:
     """A fresh fp32 head for the target. Linear weights ~ N(0, initializer_range), norms = 1.
 
@@ -232,7 +281,9 @@ def new_head(
 
     Qwen3.5 targets ship a trained MTP module: ``warm_start`` starts from it.
     ``intermediate_size``: the head's MLP width (default: the target's); a wider MLP starts as
-    the identity too (``down_proj`` is zero)."""
+    the identity too (``down_proj`` is zero). ``aux_layer_ids``: an aux head (EAGLE-3-style
+    features, ``BebopMTPHead``); its ``aux_fc`` starts at zero (the plain head's function), its
+    ``target_norm`` holds the target's final-norm weight."""
     from bebop_vllm.heads.target import read_target_tensors
 
     tcfg = read_target_config(target_model_dir)
@@ -243,15 +294,23 @@ def new_head(
         if intermediate_size < 1:
             raise BebopError(f"--head-intermediate-size must be at least 1, got {intermediate_size}")
         shape = dataclasses.replace(shape, intermediate_size=int(intermediate_size))
+    if aux_layer_ids:
+        head_config(tcfg, 1, aux_layer_ids=tuple(aux_layer_ids))  # validates the ids
+        if shape.is_qwen3_5:
+            raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
+        shape = dataclasses.replace(shape, aux_layer_ids=tuple(int(i) for i in aux_layer_ids))
     head = BebopMTPHead(shape)
     gen = torch.Generator().manual_seed(seed)
     std = float(tcfg.get("initializer_range", 0.02))
     with torch.no_grad():
         for name, p in head.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or ".aux_norms." in f".{name}":
                 p.fill_(0.0 if head.shape.is_qwen3_5 else 1.0)  # the identity either way
-            else:
+            elif name != "aux_fc.weight":  # aux_fc stays zero: an aux head starts as the plain head
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+        if head.shape.aux_layer_ids:
+            norm_w = read_target_tensors(target_model_dir, ["model.norm.weight"])["model.norm.weight"].float()
+            head.target_norm.weight.copy_(norm_w)
         if warm_start and head.shape.is_qwen3_5:
             # Qwen3.5 ships a trained MTP module: start from it (layer 0, shared fc and norms)
             from bebop_vllm.heads.native_mtp import native_mtp_to_head

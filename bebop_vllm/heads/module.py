@@ -50,6 +50,9 @@ class HeadShape:
     rope_theta: float
     layer_kind: str = "llama"  # or "qwen3_5" (see the module docstring)
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head
+    # EAGLE-3-style target features the head reads besides h_t (vLLM aux-hidden-state ids: id i
+    # is the residual stream after target layer i - 1); () for a head that reads h_t alone
+    aux_layer_ids: tuple[int, ...] = ()
 
     @property
     def rotary_dim(self) -> int:
@@ -85,6 +88,9 @@ class HeadShape:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise BebopError(f"bebop heads support the default RoPE only; the target uses rope_type {rope_type!r}")
+        aux = tuple(int(i) for i in (cfg.get("bebop") or {}).get("aux_layer_ids") or ())
+        if aux and kind != "llama":
+            raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
         h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         return cls(
             hidden_size=h,
@@ -97,6 +103,7 @@ class HeadShape:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             layer_kind=kind,
             partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+            aux_layer_ids=aux,
         )
 
 
@@ -234,7 +241,17 @@ def _shift_right(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 class BebopMTPHead(nn.Module):
     """MTP head: parameters as stored in ``model.safetensors``; the target's embedding and
-    lm_head are attached as frozen, non-persistent buffers (never saved)."""
+    lm_head are attached as frozen, non-persistent buffers (never saved).
+
+    With ``shape.aux_layer_ids`` (n ids) the head also reads EAGLE-3-style features: the target's
+    residual stream after n of its layers. Its depth-1 input ("target features") is then
+    ``[a_1, .., a_n, h_t]`` [..., (n + 1) H], the layers in ascending order and h_t last (vLLM's
+    aux-hidden-state layout, whose last block is the final layer's output); :meth:`combine` maps
+    it to one H-vector: ``h_t + aux_fc(cat(aux_norms_k(a_k)))``. Each block is RMS-normed (their
+    scales differ ~100x across layers); ``aux_fc`` starts at zero, so a new aux head computes
+    what the plain head computes. ``target_norm`` holds the target's final-norm weight (frozen):
+    serving receives the final layer's pre-norm output and rebuilds h_t with it.
+    """
 
     def __init__(self, shape: HeadShape) -> None:
         super().__init__()
@@ -245,6 +262,13 @@ class BebopMTPHead(nn.Module):
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.layer = DecoderLayer(shape)
         self.norm = make_norm(shape)
+        n = len(shape.aux_layer_ids)
+        if n:
+            self.aux_norms = nn.ModuleList(make_norm(shape) for _ in range(n))
+            self.aux_fc = nn.Linear(n * h, h, bias=False)
+            nn.init.zeros_(self.aux_fc.weight)
+            self.target_norm = make_norm(shape)
+            self.target_norm.weight.requires_grad_(False)  # the target's, never trained
         self.register_buffer("embed_weight", torch.empty(0), persistent=False)
         self.register_buffer("lm_head_weight", torch.empty(0), persistent=False)
 
@@ -280,6 +304,26 @@ class BebopMTPHead(nn.Module):
         feeds back the model's single, normed output)."""
         return self.norm(residual) if self.shape.is_qwen3_5 else residual
 
+    @property
+    def feature_width(self) -> int:
+        """Width of the target features the head reads at depth 1: (1 + n aux layers) * H."""
+        return (1 + len(self.shape.aux_layer_ids)) * self.shape.hidden_size
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features [..., (n + 1) H] = [a_1, .., a_n, h_t] -> [..., H], what depth 1 reads
+        in place of h_t (the identity for a head without aux layers)."""
+        if features.shape[-1] != self.feature_width:
+            raise BebopError(
+                f"the head reads target features of width {self.feature_width} "
+                f"({len(self.shape.aux_layer_ids)} aux layers + h_t), got {features.shape[-1]}"
+            )
+        h = self.shape.hidden_size
+        if not self.shape.aux_layer_ids:
+            return features
+        blocks = features[..., :-h].unflatten(-1, (len(self.aux_norms), h)).to(self.aux_fc.weight.dtype)
+        normed = torch.cat([norm(blocks[..., k, :]) for k, norm in enumerate(self.aux_norms)], dim=-1)
+        return features[..., -h:].to(normed.dtype) + self.aux_fc(normed)
+
     def fuse(self, token_embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat([self.enorm(token_embeds), self.hnorm(hidden.to(token_embeds.dtype))], dim=-1))
 
@@ -290,7 +334,8 @@ class BebopMTPHead(nn.Module):
         """Teacher-forced residual outputs for every chain and depth, position-indexed.
 
         Inputs for positions p = 0..L-1 of one batch of sequences: ``next_token_ids`` [B, L]
-        = x_{p+1} and ``target_hidden`` [B, L, H] = h_p (target final hidden, post-norm).
+        = x_{p+1} and ``target_hidden`` [B, L, H] = h_p (target final hidden, post-norm), or
+        for an aux head the target features [B, L, (n + 1) H] (see :meth:`combine`).
         Returns ``[r_1, .., r_g]``, each [B, L, H]: r_j[p] is depth j of the chain that starts
         at t = p - j + 1 (it predicts x_{p+2}). Only chains t >= ``first_chain`` are computed
         at depths >= 2 (e.g. the completion's chains; the prompt still serves as depth-1
@@ -305,7 +350,7 @@ class BebopMTPHead(nn.Module):
         emb = self.embed(next_token_ids)
         scale = 1.0 / math.sqrt(self.shape.head_dim)
         # depth 1: ordinary causal attention over every position
-        x = self.fuse(emb, target_hidden)
+        x = self.fuse(emb, self.combine(target_hidden))
         q, k1, v1 = self.layer.qkv(x, torch.arange(n).expand(b, n))
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         probs = torch.softmax(((q @ k1.transpose(-1, -2)) * scale).masked_fill(~causal, float("-inf")).float(), -1)

@@ -12,7 +12,7 @@ import torch
 
 from bebop_vllm.heads.checkpoint import load_heads
 from bebop_vllm.heads.module import BebopMTPHead
-from bebop_vllm.heads.target import final_hidden_states, load_target_model
+from bebop_vllm.heads.target import load_target_model, target_states
 
 
 @torch.no_grad()
@@ -27,7 +27,8 @@ def draft_chain_probs(
 
     ``token_ids`` = x_0..x_n: the committed tokens, where x_n is the token the target just
     sampled (its hidden state is not needed). ``target_hidden`` [>= n, H]: the target's final
-    (post-norm) hidden states h_0..h_{n-1}. ``draft_token_ids`` = d_1..d_k, the drafted tokens
+    (post-norm) hidden states h_0..h_{n-1} (an aux head: its target features [>= n, (m + 1) H],
+    ``BebopMTPHead.combine``). ``draft_token_ids`` = d_1..d_k, the drafted tokens
     fed back at depths 2..k+1. Returns q_1..q_{k+1} as [k + 1, V] float32 probabilities,
     softmax(logits / temperature) as vLLM's probabilistic drafter computes them.
 
@@ -41,7 +42,7 @@ def draft_chain_probs(
     dtype = head.fc.weight.dtype
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     ids = torch.tensor(token_ids)
-    r = head.step(ids[1 : n + 1], target_hidden[:n].to(dtype), torch.arange(n), cache)[-1:]
+    r = head.step(ids[1 : n + 1], head.combine(target_hidden[:n].to(dtype)), torch.arange(n), cache)[-1:]
     probs = [torch.softmax(head.logits(r).float() / temperature, dim=-1)[0]]
     for j, d in enumerate(draft_token_ids, start=1):
         r = head.step(torch.tensor([d]), head.next_hidden(r), torch.tensor([n - 1 + j]), cache)
@@ -62,9 +63,11 @@ def draft_reference(
 
     ``token_ids``: prompt (+ generated) tokens followed by the token the target sampled next
     (x_n); ``draft_token_ids``: the drafted tokens d_1..d_k. Loads target and head (slow);
-    runs the target in ``dtype`` to get its post-norm final hidden states.
+    runs the target in ``dtype`` to get its post-norm final hidden states (and, for an aux
+    head, the residual stream after its aux layers).
     """
     head = load_heads(heads_dir, target_model_dir, dtype=dtype)
     target = load_target_model(target_model_dir, dtype=dtype)
-    hidden = final_hidden_states(target, torch.tensor([token_ids[:-1]]))[0]
-    return draft_chain_probs(head, hidden, token_ids, draft_token_ids, temperature)
+    hidden, aux = target_states(target, torch.tensor([token_ids[:-1]]), head.shape.aux_layer_ids)
+    features = hidden[0] if aux is None else torch.cat([aux[0], hidden[0]], dim=-1)
+    return draft_chain_probs(head, features, token_ids, draft_token_ids, temperature)

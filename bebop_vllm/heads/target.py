@@ -63,3 +63,25 @@ def final_hidden_states(model: Any, token_ids: torch.Tensor) -> torch.Tensor:
     ``last_hidden_state`` of transformers' LlamaModel is the same (post-norm) tensor.
     """
     return model.model(input_ids=token_ids).last_hidden_state
+
+
+@torch.no_grad()
+def target_states(
+    model: Any, token_ids: torch.Tensor, aux_layer_ids: tuple[int, ...] = (), attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One target pass: (post-norm final hidden states [B, L, H], aux features [B, L, n H] or None).
+
+    The aux features are the residual stream after the layers of ``aux_layer_ids`` in vLLM's
+    aux-hidden-state numbering (id i = the output of layer i - 1, before any norm; vLLM's
+    LlamaModel.forward, llama.py:432-441, vLLM 0.32), which equals transformers'
+    ``hidden_states[i]`` for i < num_layers (its last entry is post-norm, so id num_layers is
+    refused here). With right padding (``attention_mask``), real positions are exact.
+    """
+    num_layers = len(model.model.layers)
+    bad = [i for i in aux_layer_ids if not 1 <= i < num_layers]
+    if bad:
+        raise BebopError(f"aux layer ids must lie in 1..{num_layers - 1} for this {num_layers}-layer target, got {bad}")
+    out = model.model(input_ids=token_ids, attention_mask=attention_mask, output_hidden_states=bool(aux_layer_ids))
+    if not aux_layer_ids:
+        return out.last_hidden_state, None
+    return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in aux_layer_ids], dim=-1)

@@ -11,6 +11,13 @@ residual stream, *before* ``norm``) at depths > 1; it computes logits from the f
 which is therefore ``norm(layer_out)``. The decoder layer has its own KV cache slot (prefix
 ``model.layers.<num_target_layers>``) and RoPE at the target's positions.
 
+Heads with EAGLE-3-style features (``bebop.aux_layer_ids`` in their config.json) also hold
+``aux_norms.*``, ``aux_fc`` and ``target_norm``: the runner then captures the target's residual
+stream after those layers and after its last layer (``eagle_aux_hidden_state_layer_ids``; the
+``model_runner`` patch switches the capture on) and the ``aux_features`` patch hands it to
+:meth:`BebopMTPModel.combine_hidden_states` before the proposer's first pass, which rebuilds
+the head's depth-1 input exactly as ``BebopMTPHead.combine`` does in training.
+
 vLLM registers this class twice: as ``BebopMTPModel`` (the heads' ``architectures``) and as
 ``EagleBebopMTPModel`` (the name vLLM's EAGLEConfig derives for method "eagle").
 """
@@ -49,6 +56,12 @@ _STACKED = (
     (".gate_up_proj", ".gate_proj", 0),
     (".gate_up_proj", ".up_proj", 1),
 )
+
+
+def aux_layer_ids(config: object) -> tuple[int, ...]:
+    """The aux layer ids a heads config.json declares (``bebop.aux_layer_ids``), () if none."""
+    bebop = getattr(config, "bebop", None) or {}
+    return tuple(int(i) for i in (bebop.get("aux_layer_ids") or ()))
 
 
 def rows_matmul(rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -123,6 +136,19 @@ class BebopHeadModel(nn.Module):
         # Named after the target's layers so its attention gets its own KV-cache slot.
         self.layer = LlamaDecoderLayer(vllm_config, prefix=maybe_prefix(prefix, f"layers.{layer_index}"), config=config)
         self.norm = RMSNorm(hidden, eps=eps)
+        aux_ids = aux_layer_ids(config)
+        if aux_ids:
+            n = len(aux_ids)
+            self.aux_norms = nn.ModuleList(RMSNorm(hidden, eps=eps) for _ in range(n))
+            self.aux_fc = ReplicatedLinear(
+                input_size=n * hidden,
+                output_size=hidden,
+                bias=False,
+                params_dtype=vllm_config.model_config.dtype,
+                prefix=maybe_prefix(prefix, "aux_fc"),
+                return_bias=False,
+            )
+            self.target_norm = RMSNorm(hidden, eps=eps)  # the target's final norm (a copy in the heads file)
 
         # Set by the draft_kv_only patch around a proposer pass that drafts nothing (K = 0).
         self.kv_only = False
@@ -133,6 +159,17 @@ class BebopHeadModel(nn.Module):
         x, residual = self.layer(positions, self.fuse_inputs(input_ids, hidden_states), None)
         out = x + residual
         return self.norm(out), out
+
+    def combine_hidden_states(self, features: torch.Tensor) -> torch.Tensor:
+        """The runner's captured target states [T, (n + 1) H] = [a_1, .., a_n, r_last] (the
+        residual stream after each aux layer, then the last layer's pre-norm output) -> the head's
+        depth-1 input [T, H]: ``target_norm(r_last) + aux_fc(cat(aux_norms_k(a_k)))``, i.e. h_t
+        plus the features' projection (``BebopMTPHead.combine`` with h_t rebuilt). Eager."""
+        n = len(self.aux_norms)
+        h = features.shape[-1] // (n + 1)
+        blocks = [features[:, k * h : (k + 1) * h].contiguous() for k in range(n)]
+        normed = torch.cat([norm(b) for norm, b in zip(self.aux_norms, blocks, strict=True)], dim=-1)
+        return self.target_norm(features[:, n * h :].contiguous()) + self.aux_fc(normed)
 
     def fuse_inputs(self, input_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """fc(cat(enorm(embed(x_{t+1})), hnorm(h_t))): the decoder layer's input."""
@@ -258,6 +295,15 @@ class BebopMTPModel(nn.Module):
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
+
+    @property
+    def aux_layer_ids(self) -> tuple[int, ...]:
+        """The target layers whose residual stream the heads read besides h_t (() if none)."""
+        return aux_layer_ids(self.config)
+
+    def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, (n + 1) H] captured target states -> [T, H] depth-1 input (aux heads only)."""
+        return self.model.combine_hidden_states(hidden_states)
 
     def forward(
         self,

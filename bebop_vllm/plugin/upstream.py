@@ -53,6 +53,10 @@ TARGETS: dict[str, tuple[str, ...]] = {
                       "vllm.model_executor.models.llama:LlamaAttention.forward",
                       "vllm.model_executor.layers.attention.attention:Attention.forward",
                       "vllm.model_executor.layers.attention.attention:unified_kv_cache_update"),
+    # the wrapped proposer entry point (also draft_kv_only's) and the runner's __init__, where
+    # vLLM decides use_aux_hidden_state_outputs (model_runner's patch sets it for aux heads)
+    "aux_features": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
+                     f"{_RUNNER}.__init__"),
     "model_runner": (f"{_RUNNER}.__init__",),
     "metrics_record_class": ("vllm.v1.metrics.stats:RequestSpecDecodeMetrics",
                              "vllm.v1.core.sched.scheduler:Scheduler.add_request"),

@@ -15,6 +15,11 @@ cost on CPU, so one batched pass stores, aligned with ``tokens.npy``:
 
 ``hidden-<key>.json`` records which sequences are done (resumable). Caches live in the dataset
 folder (under $BEBOP_HOME), never in git.
+
+For heads with EAGLE-3-style features (``aux_layer_ids``), the same forward also stores the
+residual stream after those layers: ``aux-<key>-<ids>.f16`` ``[total_tokens, n H]`` with its own
+record of done sequences ``aux-<key>-<ids>.json`` (a split whose hidden states are cached already
+gains aux features without recomputing, and without counting its mass twice).
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ import torch
 from tqdm import tqdm
 
 from bebop_vllm.hardware import cpu_has_bf16
-from bebop_vllm.heads.target import load_target_model, read_target_config, target_embedding_and_lm_head
+from bebop_vllm.heads.target import (
+    load_target_model,
+    read_target_config,
+    target_embedding_and_lm_head,
+    target_states,
+)
 from bebop_vllm.train.dataset import SequenceSet
 
 CACHE_FORMAT = 2  # 2: hidden + lse + mass (1: hidden only)
@@ -48,9 +58,11 @@ def cache_dtype() -> torch.dtype:
 
 class HiddenCache:
     """Target hidden states, log-normalisers and summed probabilities for the sequences in
-    ``done`` of a split."""
+    ``done`` of a split (and aux-layer features for those in ``aux_done``)."""
 
-    def __init__(self, data_dir: Path, split: str, seqs: SequenceSet, model_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path, split: str, seqs: SequenceSet, model_dir: Path, aux_layer_ids: tuple[int, ...] = ()
+    ) -> None:
         self.seqs = seqs
         key = _model_key(model_dir)
         folder = Path(data_dir) / split
@@ -72,6 +84,17 @@ class HiddenCache:
             if fresh and self.mass_path.exists():  # else: the data or the format changed, recompute
                 self.done = set(state["done"])
                 self.mass = np.load(self.mass_path)
+        self.aux_layer_ids = tuple(int(i) for i in aux_layer_ids)
+        self.aux_done: set[int] = set()
+        if self.aux_layer_ids:
+            tag = "_".join(map(str, self.aux_layer_ids))
+            self.aux_path = folder / f"aux-{key}-{tag}.f16"
+            self.aux_state_path = folder / f"aux-{key}-{tag}.json"
+            self.aux = self._memmap(self.aux_path, np.float16, (n, len(self.aux_layer_ids) * self.hidden_size))
+            if self.aux_state_path.exists():
+                state = json.loads(self.aux_state_path.read_text())
+                if state.get("tokens_sha") == self._tokens_sha(state["done"]):
+                    self.aux_done = set(state["done"])
 
     @staticmethod
     def _memmap(path: Path, dtype: type, shape: tuple[int, ...]) -> np.memmap:
@@ -94,6 +117,14 @@ class HiddenCache:
         done = sorted(self.done)
         state = {"format": CACHE_FORMAT, "done": done, "tokens_sha": self._tokens_sha(done)}
         self.state_path.write_text(json.dumps(state))
+        if self.aux_layer_ids:
+            self.aux.flush()
+            aux_done = sorted(self.aux_done)
+            self.aux_state_path.write_text(json.dumps({"done": aux_done, "tokens_sha": self._tokens_sha(aux_done)}))
+
+    def is_missing(self, i: int) -> bool:
+        """Whether sequence i still needs the target pass (its hidden states or aux features)."""
+        return i not in self.done or (bool(self.aux_layer_ids) and i not in self.aux_done)
 
     def fill(
         self,
@@ -109,7 +140,7 @@ class HiddenCache:
         # length-sorted within windows of 256 sequences (little padding), windows in data order:
         # a pass stopped early has cached a prefix of the data (generate-data interleaves domains
         # and samples), not a length-biased subset
-        todo = sorted((i for i in set(indices) if i not in self.done), key=lambda i: (i // 256, self._len(i)))
+        todo = sorted((i for i in set(indices) if self.is_missing(i)), key=lambda i: (i // 256, self._len(i)))
         if not todo:
             return
         model = load_target_model(self.model_dir, dtype or cache_dtype())
@@ -141,10 +172,15 @@ class HiddenCache:
             seq = torch.from_numpy(self.seqs.sequence(i).astype(np.int64))
             ids[r, : len(seq)], mask[r, : len(seq)] = seq, 1
         # right padding: real positions never attend to pads (causal), so their states are exact
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden, aux = target_states(model, ids, self.aux_layer_ids, attention_mask=mask)
         for r, i in enumerate(batch):
-            self._store(i, hidden[r, : self._len(i)], lm_head)
-            self.done.add(i)
+            if i not in self.done:  # (a sequence already done only needed its aux features)
+                self._store(i, hidden[r, : self._len(i)], lm_head)
+                self.done.add(i)
+            if aux is not None:
+                lo = int(self.seqs.offsets[i])
+                self.aux[lo : lo + self._len(i)] = aux[r, : self._len(i)].to(torch.float16).numpy()
+                self.aux_done.add(i)
 
     def _store(self, i: int, hidden: torch.Tensor, lm_head: torch.Tensor) -> None:
         """Write sequence i's ``[L_i, H]`` states (as fp16) and their log-normalisers, and add its
@@ -161,7 +197,8 @@ class HiddenCache:
             self.mass += torch.exp(logits[first : n - 1] - lse[first : n - 1, None]).sum(0).double().numpy()
 
     def put(self, i: int, hidden: torch.Tensor) -> None:
-        """Store sequence i's states computed elsewhere (e.g. while sampling); call save() after."""
+        """Store sequence i's states computed elsewhere (e.g. while sampling); call save() after.
+        (Final hidden states only: aux features come from :meth:`fill`.)"""
         n = self._len(i)
         if tuple(hidden.shape) != (n, self.hidden_size):
             raise ValueError(
@@ -180,6 +217,17 @@ class HiddenCache:
             raise IndexError(f"sequence {i} has no cached hidden states")
         lo, hi = self.seqs.offsets[i], self.seqs.offsets[i + 1]
         return torch.from_numpy(np.asarray(self.array[lo:hi], dtype=np.float32))
+
+    def features(self, i: int) -> torch.Tensor:
+        """What a head reads at depth 1 for sequence i: [L_i, (n + 1) H] = [aux features, h]
+        (``BebopMTPHead.combine``'s layout), or [L_i, H] = h without aux layers."""
+        if not self.aux_layer_ids:
+            return self.hidden(i)
+        if i not in self.aux_done:
+            raise IndexError(f"sequence {i} has no cached aux features for layers {self.aux_layer_ids}")
+        lo, hi = self.seqs.offsets[i], self.seqs.offsets[i + 1]
+        aux = torch.from_numpy(np.asarray(self.aux[lo:hi], dtype=np.float32))
+        return torch.cat([aux, self.hidden(i)], dim=-1)
 
     def log_normaliser(self, i: int) -> torch.Tensor:
         """[L_i] float32: logsumexp of the target's full-vocabulary logits / T_i per position."""

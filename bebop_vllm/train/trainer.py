@@ -39,8 +39,9 @@ from tqdm import tqdm
 from bebop_vllm.draft_vocab import write_probability_ranked_vocab
 from bebop_vllm.errors import BebopError
 from bebop_vllm.hardware import cpu_has_bf16
-from bebop_vllm.heads.checkpoint import load_heads, new_head, save_heads, widen_mlp
+from bebop_vllm.heads.checkpoint import add_aux_layers, load_heads, new_head, save_heads, widen_mlp
 from bebop_vllm.heads.metadata import DataProvenance, HeadMetadata, HeldoutMetrics, tokenizer_fingerprint
+from bebop_vllm.heads.module import BebopMTPHead
 from bebop_vllm.heads.target import read_target_config
 from bebop_vllm.train import losses
 from bebop_vllm.train.chains import ChainBatch
@@ -83,6 +84,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (saving the resume state) after this many steps of this run
     init_from: Path | None = None  # heads folder to start from instead of the identity start
     head_intermediate_size: int | None = None  # the head's MLP width (None: the target's, or init_from's)
+    aux_layer_ids: tuple[int, ...] = ()  # EAGLE-3-style target layers the head also reads (() : init_from's)
     target_pass: bool = True  # False: train only on train sequences whose target pass is cached
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -157,33 +159,22 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
             f"{cfg.data_dir} has no train sequences at T in {cfg.temperatures or 'any'} or no held-out sequences "
             f"sampled at T={cfg.eval_temperature}"
         )
+    head, init_note = _initial_head(cfg)
+    aux_ids = head.shape.aux_layer_ids
     # what the frozen target says, computed once per dataset (the expensive part on CPU)
-    held_cache = HiddenCache(cfg.data_dir, "heldout", held_set, cfg.model_dir)
+    held_cache = HiddenCache(cfg.data_dir, "heldout", held_set, cfg.model_dir, aux_ids)
     held_cache.fill(held_idx, desc="target pass (held-out)", progress=cfg.progress)
-    train_cache = HiddenCache(cfg.data_dir, "train", train_set, cfg.model_dir)
+    train_cache = HiddenCache(cfg.data_dir, "train", train_set, cfg.model_dir, aux_ids)
     if cfg.target_pass:
         train_cache.fill(train_idx, desc="target pass (train)", progress=cfg.progress)
     else:  # e.g. a target pass stopped early: it cached a prefix of the data
-        train_idx = [i for i in train_idx if i in train_cache.done]
+        train_idx = [i for i in train_idx if not train_cache.is_missing(i)]
         if not train_idx:
             raise BebopError(f"no train sequence of {cfg.data_dir} has a cached target pass; drop --no-target-pass")
     eval_idx = [
         held_idx[int(k)] for k in np.linspace(0, len(held_idx) - 1, min(cfg.eval_sequences, len(held_idx))).round()
     ]
 
-    if cfg.init_from is not None:  # e.g. KL heads fine-tuned with the e2e-TV loss
-        head = load_heads(cfg.init_from, cfg.model_dir)
-        head.float()
-        init_note = f"initialised from {cfg.init_from} (loss {head.metadata.loss}, {head.metadata.train_steps} steps); "
-        width = cfg.head_intermediate_size
-        if width is not None and width != head.shape.intermediate_size:
-            init_note += f"MLP widened {head.shape.intermediate_size} -> {width} units (function-preserving); "
-            head = widen_mlp(head, width, seed=cfg.seed)
-    else:
-        head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True, intermediate_size=cfg.head_intermediate_size)
-        init_note = "identity start; "
-        if cfg.head_intermediate_size is not None:
-            init_note += f"MLP of {head.shape.intermediate_size} units; "
     # the draft vocabulary D: the tokens carrying the most target probability in the train data
     ranking = ranked_vocab(train_cache.mass)
     size = cfg.draft_vocab_size
@@ -199,7 +190,8 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     mass_in_vocab = float(train_cache.mass[ranking[:size]].sum() / max(train_cache.mass.sum(), 1e-12)) if size else 1.0
     depth_weights = cfg.depth_decay ** torch.arange(cfg.num_depths, dtype=torch.float32)
 
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    trainable = [p for p in head.parameters() if p.requires_grad]  # (an aux head's target_norm is the target's)
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state_path = cfg.out_dir / "train_state.pt"
     step, chains_seen, cursor, history = 0, 0, 0, []
     if cfg.resume and state_path.exists():
@@ -229,7 +221,8 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     def heldout_eval(indices: list[int], progress: bool) -> HeldoutMetrics:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             return evaluate_vocab(
-                head, held_set, held_cache, indices, cfg.num_depths, vocab_ids, lm_rows, progress=progress
+                head, held_set, held_cache, indices, cfg.num_depths, vocab_ids, lm_rows, progress=progress,
+                head_inputs=held_cache.features if aux_ids else None,
             )
 
     def order_of(epoch: int) -> list[int]:
@@ -383,7 +376,36 @@ def _chains(
         float(seqs.temperatures[i]),
         vocab_ids,
         lm_rows,
+        head_input=cache.features(i) if cache.aux_layer_ids else None,
     )
+
+
+def _initial_head(cfg: TrainConfig) -> tuple[BebopMTPHead, str]:
+    """The head training starts from, and a note saying how it was made: ``init_from`` (widened
+    and/or given aux layers, both function-preserving, when asked) or the identity start."""
+    if cfg.init_from is None:
+        head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True, intermediate_size=cfg.head_intermediate_size,
+                        aux_layer_ids=cfg.aux_layer_ids)
+        note = "identity start; "
+        if cfg.head_intermediate_size is not None:
+            note += f"MLP of {head.shape.intermediate_size} units; "
+        if cfg.aux_layer_ids:
+            note += f"aux features of target layers {list(cfg.aux_layer_ids)}; "
+        return head, note
+    head = load_heads(cfg.init_from, cfg.model_dir)  # e.g. KL heads fine-tuned with the e2e-TV loss
+    head.float()
+    note = f"initialised from {cfg.init_from} (loss {head.metadata.loss}, {head.metadata.train_steps} steps); "
+    width = cfg.head_intermediate_size
+    if width is not None and width != head.shape.intermediate_size:
+        note += f"MLP widened {head.shape.intermediate_size} -> {width} units (function-preserving); "
+        head = widen_mlp(head, width, seed=cfg.seed)
+    if cfg.aux_layer_ids and tuple(cfg.aux_layer_ids) != head.shape.aux_layer_ids:
+        if head.shape.aux_layer_ids:
+            raise BebopError(f"{cfg.init_from} reads aux layers {list(head.shape.aux_layer_ids)}; --aux-layers "
+                             f"{list(cfg.aux_layer_ids)} cannot change them (only add them to a head without)")
+        note += f"aux features of target layers {list(cfg.aux_layer_ids)} added (function-preserving); "
+        head = add_aux_layers(head, cfg.aux_layer_ids, cfg.model_dir)
+    return head, note
 
 
 def _plot_learning_curve(history: list[dict], path: Path, loss: str) -> None:

@@ -12,6 +12,7 @@ append it to ``PATCHES`` below. Order matters only where noted.
 from __future__ import annotations
 
 from bebop_vllm.plugin.patches import (
+    aux_features,
     cpu_expand_fix,
     draft_kv_only,
     draft_length,
@@ -30,6 +31,7 @@ PATCHES: list[Patch] = [
     cpu_expand_fix.PATCH,  # CPU: per-token temperature/top-k/top-p were uninitialised memory
     draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
     draft_kv_only.PATCH,  # a K = 0 proposer pass only writes the heads' KV cache
+    aux_features.PATCH,  # heads with aux layers: combine the captured target states (after draft_kv_only)
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
     *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)

@@ -7,8 +7,12 @@ to V1) constructs vLLM's ``RejectionSampler`` in ``GPUModelRunner.__init__``
 verifier="bebop" the runner's ``rejection_sampler`` becomes :class:`BebopRejectionSampler`; when
 it says draft_sampling="probabilistic" the drafter drafts from the request's own distribution
 (see ``draft_sampling``); draft_length "auto"/"entropy" with an acceptance fit makes the runner
-report each request's step entropy to the scheduler's policy (see ``draft_length`` and ``metrics``).
-Engines without bebop options are left exactly as vLLM built them.
+report each request's step entropy to the scheduler's policy (see ``draft_length`` and ``metrics``);
+heads with aux layers make the runner capture the target's aux hidden states
+(``use_aux_hidden_state_outputs``, which vLLM itself sets for method "eagle3" only,
+gpu_model_runner.py:645; ``load_model`` then reads the layer ids from the heads' config.json,
+``_setup_eagle3_aux_hidden_state_outputs`` :5230). Engines without bebop options are left exactly
+as vLLM built them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def install(runner: Any) -> None:
 
         setattr(runner, POLICY_ENTROPY_FLAG, True)
     drafter = getattr(runner, "drafter", None)
+    spec = runner.speculative_config
+    if drafter is not None and spec is not None and spec.draft_model_config is not None:
+        from bebop_vllm.plugin.draft_model import aux_layer_ids
+
+        if aux_layer_ids(spec.draft_model_config.hf_config):
+            runner.use_aux_hidden_state_outputs = True  # the aux_features patch combines them
     if drafter is not None and opts.draft_sampling == "probabilistic":
         setattr(drafter, BEBOP_FLAG, True)
 
