@@ -142,9 +142,9 @@ def evaluate_arm(
     vocab_ids: torch.Tensor,
     lm_rows: torch.Tensor,
 ) -> dict:
-    """Per-sequence teacher-forced metrics (the shape ``recipe_comparison.paired`` takes)."""
-    reads = held_cache.features if head.shape.aux_layer_ids else None
-    return per_sequence_metrics(head, held_set, held_cache, held_idx, 3, vocab_ids, lm_rows, reads)
+    """Per-sequence teacher-forced metrics (the shape ``recipe_comparison.paired`` takes; an aux
+    head reads ``held_cache.features``)."""
+    return per_sequence_metrics(head, held_set, held_cache, held_idx, 3, vocab_ids, lm_rows)
 
 
 def markdown(out: dict) -> str:

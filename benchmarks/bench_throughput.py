@@ -19,6 +19,8 @@ Optional bebop variants (entropy-aware draft length against fixed lengths, same 
   per request and step)
 - ``...-v<N>``          any bebop engine with ``draft_vocab_size=N`` (drafts among the heads'
   N most frequent tokens, ``draft_vocab.json``), e.g. ``bebop-v4096``, ``bebop-k1-v4096``
+- ``...@<name>``        any bebop engine on the heads of ``--alt-heads <name>=<folder>`` instead of
+  ``--heads`` (two heads side by side in one run), e.g. ``bebop@aux``, ``bebop-auto@aux``
 
 vLLM's CPU temperature bug is fixed for all engines (the plugin's ``cpu_expand_fix`` patch is
 process-wide), so the comparison is fair. Cells: temperature x batch size x domain. Batch 1
@@ -50,7 +52,14 @@ ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
 # bebop, bebop-k2, bebop-sync, bebop-k2-sync, bebop-entropy, bebop-v4096, bebop-k1-v4096-sync, ...
 # bebop engines draft a fixed k unless named -auto (draft_length="auto", the plugin's default) or -entropy
 BEBOP_ENGINE = re.compile(
-    r"bebop(?:-k(?P<k>\d+))?(?P<entropy>-entropy)?(?P<auto>-auto)?(?:-v(?P<vocab>\d+))?(?P<sync>-sync)?")
+    r"bebop(?:-k(?P<k>\d+))?(?P<entropy>-entropy)?(?P<auto>-auto)?(?:-v(?P<vocab>\d+))?(?P<sync>-sync)?"
+    r"(?:@(?P<heads>\w+))?")
+
+
+def heads_of(engine: str, heads: str, alt_heads: dict[str, str]) -> str:
+    """The heads folder an engine runs: ``alt_heads[name]`` for ``...@name``, else ``heads``."""
+    m = BEBOP_ENGINE.fullmatch(engine)
+    return alt_heads[m["heads"]] if m and m["heads"] else heads
 
 
 def _spec_config(engine: str, heads: str, k: int, policy: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -80,7 +89,7 @@ def _worker(engine: str, model: str, heads: str, k: int, max_model_len: int, con
     kwargs: dict[str, Any] = {}
     if engine != "none":
         kwargs["per_request_spec_decode_metrics"] = "summary"
-    if engine.endswith("-sync"):
+    if "-sync" in engine:
         kwargs["async_scheduling"] = False
     # enforce_eager=False is what `vllm serve` and LLM(...) give by default: on CPU vLLM 0.32 traces
     # the target once with Dynamo and compiles it with Inductor (CompilationMode.DYNAMO_TRACE_ONCE).
@@ -152,7 +161,8 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Machine: {_describe(res['machine'])} (1/5/15-min load average when written: "
         f"{', '.join(f'{x:.1f}' for x in res['load_average_at_write'])}). "
-        f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']}). "
+        f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']})"
+        + "".join(f"; engines @{n}: {f}" for n, f in (cfg.get("alt_heads") or {}).items()) + ". "
         f"k = {cfg['k']}, max_tokens = {cfg['max_tokens']}, prompts per domain = {cfg['prompts_per_domain']}, "
         f"repeats = {cfg['repeats']} (median), dtype = {cfg.get('dtype', 'auto')}, "
         f"{'compiled (vLLM default)' if cfg.get('compiled') else 'eager (enforce_eager=True)'}"
@@ -192,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", default=str(default_model_dir()), help="target model folder (default model)")
     ap.add_argument("--heads", default=None, help="heads folder (default: shipped heads, else random heads)")
+    ap.add_argument("--alt-heads", action="append", default=[], metavar="NAME=FOLDER",
+                    help="another heads folder, run by the engines named ...@NAME (repeatable)")
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens for every speculative engine")
     ap.add_argument("--temperatures", default="0,0.7,1.0", help="comma-separated sampling temperatures")
     ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
@@ -224,7 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     bad = [e for e in engines if e not in ENGINES and not BEBOP_ENGINE.fullmatch(e)]
     if bad:
         ap.error(f"unknown engine(s) {bad}; choose from {list(ENGINES)} or "
-                 "bebop[-k<N>][-entropy|-auto][-v<N>][-sync]")
+                 "bebop[-k<N>][-entropy|-auto][-v<N>][-sync][@NAME]")
+    if any("=" not in a for a in args.alt_heads):
+        ap.error(f"--alt-heads takes NAME=FOLDER, got {[a for a in args.alt_heads if '=' not in a]}")
+    args.alt_heads = dict(a.split("=", 1) for a in args.alt_heads)
+    named = [(e, m["heads"]) for e in engines if (m := BEBOP_ENGINE.fullmatch(e)) and m["heads"]]
+    unnamed = [e for e, name in named if name not in args.alt_heads]
+    if unnamed:
+        ap.error(f"engine(s) {unnamed} name heads that no --alt-heads NAME=FOLDER gives")
+    missing = [f for f in args.alt_heads.values() if not (Path(f) / "model.safetensors").is_file()]
+    if missing:
+        ap.error(f"--alt-heads folder(s) without model.safetensors: {missing}")
     policy = None
     if args.acceptance_fit:
         a, b = (float(x) for x in args.acceptance_fit.split(","))
@@ -263,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     for e in engines:  # start one at a time: start-up is CPU-heavy
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker, daemon=True,
-                           args=(e, args.model, heads, args.k, args.max_model_len, child, args.dtype, policy,
-                                 args.compile))
+                           args=(e, args.model, heads_of(e, heads, args.alt_heads), args.k, args.max_model_len,
+                                 child, args.dtype, policy, args.compile))
         proc.start()
         print(f"starting engine {e} ...", file=sys.stderr, flush=True)
         if parent.recv() != "ready":
@@ -330,7 +352,8 @@ def _write(args: Any, argv: list[str] | None, heads: str, heads_kind: str, engin
         "machine": args.machine,  # machine_info() before the engines started
         # Other processes on the machine make tokens/s noisy: record the load it ran under.
         "load_average_at_write": list(os.getloadavg()),
-        "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "k": args.k,
+        "config": {"model": args.model, "heads": heads, "heads_kind": heads_kind, "alt_heads": args.alt_heads,
+                   "k": args.k,
                    "max_tokens": args.max_tokens, "prompts_per_domain": args.prompts_per_domain,
                    "batch1_prompts": args.batch1_prompts, "repeats": args.repeats, "engines": engines,
                    "dtype": args.dtype, "entropy_policy": args.entropy_policy,

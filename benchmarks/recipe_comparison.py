@@ -124,10 +124,10 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     model = default_model_dir()
     data = data or default_data_dir()
     held = load_split(data, "heldout")
-    cache = HiddenCache(data, "heldout", held, model)
+    head = load_heads(head_dir, model).float()
+    cache = HiddenCache(data, "heldout", held, model, head.shape.aux_layer_ids)
     idx = select(held, (temperature,), None)
     cache.fill(idx, progress=False)
-    head = load_heads(head_dir, model).float()
     ids = json.loads((head_dir / "draft_vocab.json").read_text())["ids"]
     size = trained_draft_vocab_size(head_dir)
     vocab = torch.tensor(sorted(ids[:size])) if size else None

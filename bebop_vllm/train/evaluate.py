@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from bebop_vllm.errors import BebopError
 from bebop_vllm.heads.metadata import HeldoutMetrics
 from bebop_vllm.heads.module import BebopMTPHead
 from bebop_vllm.kernels import expected_accepted_length
@@ -87,8 +88,15 @@ def evaluate_vocab(
     every completion chain, each sequence at its own sampling temperature: alpha_j = mean over
     chains with depth j of sum_{v in D} min(p_v, q_v) (q = 0 outside D, p exact); the expected
     tokens per verify step is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i.
-    ``head_inputs(i)``: what the head reads for sequence i (``vocab_chains``' ``head_input``)."""
+    ``head_inputs(i)``: what the head reads for sequence i (``vocab_chains``' ``head_input``;
+    default: ``cache.features`` for a head with aux layers, whose cache must hold them)."""
     from bebop_vllm.train.chains import vocab_chains
+
+    if head_inputs is None and head.shape.aux_layer_ids:
+        if tuple(cache.aux_layer_ids) != head.shape.aux_layer_ids:
+            raise BebopError(f"the head reads aux layers {list(head.shape.aux_layer_ids)}, the cache holds "
+                             f"{list(cache.aux_layer_ids)}: build the HiddenCache with the head's aux_layer_ids")
+        head_inputs = cache.features
 
     head.eval()
     tally = _Tally(num_depths)

@@ -221,8 +221,7 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     def heldout_eval(indices: list[int], progress: bool) -> HeldoutMetrics:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             return evaluate_vocab(
-                head, held_set, held_cache, indices, cfg.num_depths, vocab_ids, lm_rows, progress=progress,
-                head_inputs=held_cache.features if aux_ids else None,
+                head, held_set, held_cache, indices, cfg.num_depths, vocab_ids, lm_rows, progress=progress
             )
 
     def order_of(epoch: int) -> list[int]:
