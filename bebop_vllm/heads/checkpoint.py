@@ -192,6 +192,16 @@ def load_heads(
     return head
 
 
+def _carry_over(head: BebopMTPHead, new: BebopMTPHead) -> BebopMTPHead:
+    """Give a head rebuilt from ``head`` its attached target and its metadata/config."""
+    if head.embed_weight.numel():
+        new.attach_target(head.embed_weight, head.lm_head_weight)
+    for attr in ("metadata", "config"):
+        if hasattr(head, attr):
+            setattr(new, attr, getattr(head, attr))
+    return new
+
+
 def widen_mlp(head: BebopMTPHead, intermediate_size: int, seed: int = 0) -> BebopMTPHead:
     """A copy of ``head`` whose MLP has ``intermediate_size`` units, computing the same function.
 
@@ -224,12 +234,7 @@ def widen_mlp(head: BebopMTPHead, intermediate_size: int, seed: int = 0) -> Bebo
             w[:n] = getattr(old, name).weight
         new.down_proj.weight.zero_()
         new.down_proj.weight[:, :n] = old.down_proj.weight
-    if head.embed_weight.numel():
-        wide.attach_target(head.embed_weight, head.lm_head_weight)
-    for attr in ("metadata", "config"):
-        if hasattr(head, attr):
-            setattr(wide, attr, getattr(head, attr))
-    return wide
+    return _carry_over(head, wide)
 
 
 def add_aux_layers(head: BebopMTPHead, aux_layer_ids: tuple[int, ...], target_model_dir: str | Path) -> BebopMTPHead:
@@ -251,12 +256,7 @@ def add_aux_layers(head: BebopMTPHead, aux_layer_ids: tuple[int, ...], target_mo
     with torch.no_grad():
         norm_w = read_target_tensors(target_model_dir, ["model.norm.weight"])["model.norm.weight"]
         aux.target_norm.weight.copy_(norm_w.to(ref.dtype))
-    if head.embed_weight.numel():
-        aux.attach_target(head.embed_weight, head.lm_head_weight)
-    for attr in ("metadata", "config"):
-        if hasattr(head, attr):
-            setattr(aux, attr, getattr(head, attr))
-    return aux
+    return _carry_over(head, aux)
 
 
 def new_head(

@@ -23,6 +23,7 @@ import inspect
 from typing import Any
 
 from bebop_vllm.plugin.patches.base import Patch
+from bebop_vllm.plugin.patches.draft_kv_only import PROPOSE_PARAMS
 
 UPSTREAM = "vllm/v1/spec_decode/llm_base_proposer.py:512 SpecDecodeBaseProposer.propose (vLLM 0.32.0)"
 
@@ -60,9 +61,6 @@ PATCH = Patch(
     module="vllm.v1.spec_decode.llm_base_proposer",
     owner="SpecDecodeBaseProposer",
     attr="propose",
-    expected_params=("self", "num_speculative_tokens", "target_token_ids", "target_positions",
-                     "target_hidden_states", "next_token_ids", "token_indices_to_sample",
-                     "common_attn_metadata", "sampling_metadata", "mm_embed_inputs",
-                     "num_rejected_tokens_gpu", "slot_mappings"),
+    expected_params=PROPOSE_PARAMS,
     make_replacement=_make_replacement,
 )

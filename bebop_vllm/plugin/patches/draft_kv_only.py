@@ -58,15 +58,17 @@ def _make_replacement(original: Any) -> Any:
     return propose
 
 
+# SpecDecodeBaseProposer.propose's parameters (vLLM 0.32.0); the aux_features patch wraps it too.
+PROPOSE_PARAMS = ("self", "num_speculative_tokens", "target_token_ids", "target_positions", "target_hidden_states",
+                  "next_token_ids", "token_indices_to_sample", "common_attn_metadata", "sampling_metadata",
+                  "mm_embed_inputs", "num_rejected_tokens_gpu", "slot_mappings")
+
 PATCH = Patch(
     name="draft_kv_only",
     upstream=UPSTREAM,
     module="vllm.v1.spec_decode.llm_base_proposer",
     owner="SpecDecodeBaseProposer",
     attr="propose",
-    expected_params=("self", "num_speculative_tokens", "target_token_ids", "target_positions",
-                     "target_hidden_states", "next_token_ids", "token_indices_to_sample",
-                     "common_attn_metadata", "sampling_metadata", "mm_embed_inputs",
-                     "num_rejected_tokens_gpu", "slot_mappings"),
+    expected_params=PROPOSE_PARAMS,
     make_replacement=_make_replacement,
 )
