@@ -359,3 +359,28 @@ def test_worker_extension_heads_fingerprint_excludes_shared():
         m.model.fc.weight.add_(1.0)
     assert ext.bebop_heads_fingerprint() != fp
     assert ext.bebop_invalidate_draft_caches() is True and m._weights_generation == 1
+
+
+def test_policy_update_syncs_an_aux_heads_copy_of_the_final_norm():
+    """Heads with aux layers rebuild h_t with a copy of the target's final-norm weight: a policy
+    load copies the new weight in, and the copy is not part of the heads' fingerprint."""
+    from bebop_vllm.rl.worker import BebopRLWorkerExtension, draft_head_parameters
+
+    m = _bare_draft()
+    m.config.bebop = {"aux_layer_ids": [1]}
+    m.model.target_norm = nn.Module()
+    m.model.target_norm.weight = nn.Parameter(torch.ones(8))
+    assert not any(n.startswith("model.target_norm.") for n, _ in draft_head_parameters(m))
+    target = nn.Module()
+    target.model = nn.Module()
+    target.model.norm = nn.Module()
+    target.model.norm.weight = nn.Parameter(torch.arange(8.0))
+    ext = BebopRLWorkerExtension()
+    ext.get_draft_model = lambda: m  # type: ignore[attr-defined]
+    fp = ext.bebop_heads_fingerprint()
+    m.sync_target_norm(target)
+    assert torch.equal(m.model.target_norm.weight, torch.arange(8.0)) and ext.bebop_heads_fingerprint() == fp
+    m.config.bebop = {}  # heads without aux layers have no copy: nothing to sync
+    target.model.norm.weight.data.fill_(5.0)
+    m.sync_target_norm(target)
+    assert torch.equal(m.model.target_norm.weight, torch.arange(8.0))

@@ -305,6 +305,14 @@ class BebopMTPModel(nn.Module):
         """[T, (n + 1) H] captured target states -> [T, H] depth-1 input (aux heads only)."""
         return self.model.combine_hidden_states(hidden_states)
 
+    @torch.no_grad()
+    def sync_target_norm(self, target: nn.Module) -> None:
+        """Heads with aux layers rebuild h_t with a copy of the target's final-norm weight: after a
+        policy update (``RolloutEngine.update_policy``) copy the new one, so the heads see the h_t
+        the updated policy computes, as heads without aux layers do."""
+        if self.aux_layer_ids:
+            self.model.target_norm.weight.copy_(target.model.norm.weight)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-# Parameters of the draft model that belong to the target (shared by reference): not the heads.
-_SHARED_PREFIXES = ("model.embed_tokens.", "lm_head.")
+# Parameters of the draft model that belong to the target (shared by reference, or for heads with
+# aux layers the copy of its final norm, synced on every policy load): not the heads.
+_SHARED_PREFIXES = ("model.embed_tokens.", "lm_head.", "model.target_norm.")
 
 
 def draft_head_parameters(draft: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -64,6 +65,9 @@ class BebopRLWorkerExtension:
             weights = ((n, t) for n, t in weights if n in keep)
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]
         refresh_cpu_gemm_handles(self.model_runner.get_model())  # type: ignore[attr-defined]
+        draft = self.get_draft_model()  # type: ignore[attr-defined]
+        if draft is not None and hasattr(draft, "sync_target_norm"):
+            draft.sync_target_norm(self.model_runner.get_model())  # type: ignore[attr-defined]
         self.bebop_invalidate_draft_caches()
         seconds = time.perf_counter() - t0
         return {"heads_before": before, "heads_after": self.bebop_heads_fingerprint(), "seconds": seconds}
