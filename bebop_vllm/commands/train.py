@@ -147,6 +147,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "projection starts at zero). The target pass then also caches these layers (+2 bytes x H per layer "
         "and token). Default: none, or those of --init-from",
     )
+    p.add_argument(
+        "--aux-lr-scale",
+        type=float,
+        default=1.0,
+        help="learning rate of the aux input path (its projection and norms) as a multiple of --lr, e.g. 10 "
+        "when aux layers are added to trained heads fine-tuned at a small --lr (default: 1)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument(
         "--no-target-pass",
@@ -167,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("depth", "steps", "chains_per_step", "eval_every", "eval_sequences", "save_every"):
         if getattr(args, name) < 1:
             raise BebopError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.aux_lr_scale <= 0:
+        raise BebopError(f"--aux-lr-scale must be > 0, got {args.aux_lr_scale}")
     if args.end_at_step is not None and not 1 <= args.end_at_step <= args.steps:
         raise BebopError(f"--end-at-step must be in 1..--steps ({args.steps}), got {args.end_at_step}")
     temps = tuple(args.temperature) if args.temperature else None
@@ -209,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         head_intermediate_size=args.head_intermediate_size,
         aux_layer_ids=args.aux_layers,
+        aux_lr_scale=args.aux_lr_scale,
         target_pass=not args.no_target_pass,
     )
     meta = train(cfg)

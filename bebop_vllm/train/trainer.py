@@ -85,6 +85,7 @@ class TrainConfig:
     init_from: Path | None = None  # heads folder to start from instead of the identity start
     head_intermediate_size: int | None = None  # the head's MLP width (None: the target's, or init_from's)
     aux_layer_ids: tuple[int, ...] = ()  # EAGLE-3-style target layers the head also reads (() : init_from's)
+    aux_lr_scale: float = 1.0  # learning rate of the aux input path (aux_fc, aux_norms) relative to --lr
     target_pass: bool = True  # False: train only on train sequences whose target pass is cached
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -161,6 +162,8 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         )
     head, init_note = _initial_head(cfg)
     aux_ids = head.shape.aux_layer_ids
+    if cfg.aux_lr_scale != 1.0 and not aux_ids:
+        raise BebopError("--aux-lr-scale applies to heads with aux layers: give --aux-layers or --init-from aux heads")
     # what the frozen target says, computed once per dataset (the expensive part on CPU)
     held_cache = HiddenCache(cfg.data_dir, "heldout", held_set, cfg.model_dir, aux_ids)
     held_cache.fill(held_idx, desc="target pass (held-out)", progress=cfg.progress)
@@ -190,8 +193,7 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     mass_in_vocab = float(train_cache.mass[ranking[:size]].sum() / max(train_cache.mass.sum(), 1e-12)) if size else 1.0
     depth_weights = cfg.depth_decay ** torch.arange(cfg.num_depths, dtype=torch.float32)
 
-    trainable = [p for p in head.parameters() if p.requires_grad]  # (an aux head's target_norm is the target's)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(head, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state_path = cfg.out_dir / "train_state.pt"
     step, chains_seen, cursor, history = 0, 0, 0, []
     if cfg.resume and state_path.exists():
@@ -256,7 +258,7 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
             n_chains += chain_count(train_set, i, cfg.train_on_prompts)
             cursor += 1
         for g_ in opt.param_groups:
-            g_["lr"] = lr_at(step, cfg)
+            g_["lr"] = lr_at(step, cfg) * g_.get("lr_scale", 1.0)
         total_loss, alpha_sum, alpha_cnt = 0.0, torch.zeros(cfg.num_depths), torch.zeros(cfg.num_depths)
         for i in batch:  # gradient accumulation, one sequence at a time, weighted by its chains
             tokens = torch.from_numpy(train_set.sequence(i).astype(np.int64))
@@ -377,6 +379,19 @@ def _chains(
         lm_rows,
         head_input=cache.features(i) if cache.aux_layer_ids else None,
     )
+
+
+def _param_groups(head: BebopMTPHead, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups: every trainable tensor (an aux head's ``target_norm`` is
+    the target's, frozen), the aux input path in a group of its own when ``aux_lr_scale`` != 1 (a
+    zero-initialised projection added to trained heads learns from nothing while the rest only
+    needs a small step)."""
+    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    aux = [p for n, p in named if n.startswith(("aux_fc.", "aux_norms."))]
+    if not aux or cfg.aux_lr_scale == 1.0:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    rest = [p for n, p in named if not n.startswith(("aux_fc.", "aux_norms."))]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": aux, "lr_scale": float(cfg.aux_lr_scale)}]
 
 
 def _initial_head(cfg: TrainConfig) -> tuple[BebopMTPHead, str]:
