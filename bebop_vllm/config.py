@@ -187,10 +187,13 @@ def _check_aux_layers(path: Path, config: dict, target_hf_config: Any) -> None:
     ids = (config.get("bebop") or {}).get("aux_layer_ids") or []
     if not ids:
         return
+    from bebop_vllm.heads.module import check_aux_layer_ids
+
     layers = int(getattr(target_hf_config, "num_hidden_layers", -1))
-    if not all(isinstance(i, int) and 1 <= i < layers for i in ids) or ids != sorted(set(ids)):
-        raise BebopSpecError(f"{path / 'config.json'}: bebop.aux_layer_ids {ids} must be ascending layer ids in "
-                             f"1..{layers - 1} for this {layers}-layer target")
+    try:
+        check_aux_layer_ids(ids, layers)
+    except BebopError as exc:
+        raise BebopSpecError(f"{path / 'config.json'}: bebop.aux_layer_ids: {exc}") from None
     capture = config.get("eagle_aux_hidden_state_layer_ids")
     if capture != [*ids, layers]:
         raise BebopSpecError(f"{path / 'config.json'}: eagle_aux_hidden_state_layer_ids is {capture}, expected "

@@ -91,13 +91,12 @@ def train_arm(
 ) -> dict:
     """``args.steps`` optimizer steps of ``bebop train``'s recipe over whole sequences."""
     from bebop_vllm.train.chains import vocab_chains
-    from bebop_vllm.train.trainer import TrainConfig, chain_count, first_chain, loss_of, lr_at
+    from bebop_vllm.train.trainer import TrainConfig, chain_count, first_chain, loss_of, lr_at, param_groups
 
     cfg = TrainConfig(model_dir=Path(), data_dir=Path(), out_dir=Path(), loss=args.loss, steps=args.steps,
                       lr=args.lr, warmup_steps=args.warmup_steps)
     weights = torch.ones(cfg.num_depths)
-    trainable = [p for p in head.parameters() if p.requires_grad]  # (an aux head's target_norm is frozen)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(head, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     cursor, seen, t0 = 0, 0, time.time()
     order: tuple[int, list[int]] = (-1, [])
     bar = tqdm(range(args.steps), desc=f"train {arm}")
@@ -113,7 +112,7 @@ def train_arm(
             n += chain_count(train_set, i, False)
             cursor += 1
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * group["lr_scale"]
         total = 0.0
         for i in batch:
             tokens = torch.from_numpy(train_set.sequence(i).astype(np.int64))

@@ -209,10 +209,10 @@ def target4(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _features(target: Path, ids: torch.Tensor, aux_ids: tuple[int, ...]) -> torch.Tensor:
     """[L, (n + 1) H] = [aux features, h]: what an aux head reads (BebopMTPHead.combine's layout)."""
-    from bebop_vllm.heads.target import target_states
+    from bebop_vllm.heads.target import head_features, target_states
 
     hidden, aux = target_states(load_target_model(target), ids[None], aux_ids)
-    return torch.cat([aux[0], hidden[0]], dim=-1)
+    return head_features(hidden, aux)[0]
 
 
 def test_aux_heads_follow_the_format_and_round_trip(target4: Path, tmp_path: Path) -> None:

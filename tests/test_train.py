@@ -359,9 +359,9 @@ def test_training_adds_aux_layers_to_a_head_and_saves_them(setup: tuple[Path, Pa
     cfg = json.loads((tmp_path / "aux" / "config.json").read_text())
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [1, 2]
     # the aux path in a parameter group of its own, at 10x the learning rate
-    from bebop_vllm.train.trainer import _param_groups
+    from bebop_vllm.train.trainer import param_groups
 
-    groups = _param_groups(head, _cfg(setup, tmp_path / "unused", aux_lr_scale=10.0))
+    groups = param_groups(head, _cfg(setup, tmp_path / "unused", aux_lr_scale=10.0))
     assert [g["lr_scale"] for g in groups] == [1.0, 10.0] and len(groups[1]["params"]) == 2  # aux_fc, aux_norms.0
     assert not any(p is head.target_norm.weight for g in groups for p in g["params"])
     meta = train(_cfg(setup, tmp_path / "aux10", steps=2, init_from=tmp_path / "plain", aux_layer_ids=(1,),

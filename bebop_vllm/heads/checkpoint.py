@@ -25,7 +25,7 @@ from bebop_vllm.heads.metadata import (
     tokenizer_fingerprint,
     write_metadata,
 )
-from bebop_vllm.heads.module import BebopMTPHead, HeadShape
+from bebop_vllm.heads.module import BebopMTPHead, HeadShape, check_aux_layer_ids
 from bebop_vllm.heads.target import read_target_config, target_embedding_and_lm_head
 
 WEIGHTS_FILE = "model.safetensors"
@@ -73,10 +73,7 @@ def head_config(
     them plus the final layer's output (``eagle_aux_hidden_state_layer_ids``, the key vLLM's
     runner reads, gpu_model_runner.py:5251 ``_get_eagle3_aux_layers_from_config``, vLLM 0.32)."""
     num_layers = int(target_config["num_hidden_layers"])
-    bad = [i for i in aux_layer_ids if not 1 <= i < num_layers]
-    if bad or list(aux_layer_ids) != sorted(set(aux_layer_ids)):
-        raise BebopError(f"aux layer ids must be ascending, distinct and in 1..{num_layers - 1} for this "
-                         f"{num_layers}-layer target, got {list(aux_layer_ids)}")
+    aux_layer_ids = check_aux_layer_ids(aux_layer_ids, num_layers)
     cfg = copy.deepcopy(target_config)
     cfg["architectures"] = [HEAD_ARCHITECTURE]
     cfg["num_hidden_layers"] = 1
@@ -88,8 +85,8 @@ def head_config(
         "target_architecture": (target_config.get("architectures") or ["?"])[0],
     }
     if aux_layer_ids:
-        cfg["bebop"]["aux_layer_ids"] = [int(i) for i in aux_layer_ids]
-        cfg["eagle_aux_hidden_state_layer_ids"] = [int(i) for i in aux_layer_ids] + [num_layers]
+        cfg["bebop"]["aux_layer_ids"] = list(aux_layer_ids)
+        cfg["eagle_aux_hidden_state_layer_ids"] = [*aux_layer_ids, num_layers]
     return cfg
 
 
@@ -245,10 +242,8 @@ def add_aux_layers(head: BebopMTPHead, aux_layer_ids: tuple[int, ...], target_mo
 
     if head.shape.aux_layer_ids:
         raise BebopError(f"the head already reads aux layers {list(head.shape.aux_layer_ids)}")
-    if head.shape.is_qwen3_5:
-        raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
-    head_config(read_target_config(target_model_dir), 1, aux_layer_ids=tuple(aux_layer_ids))  # validates the ids
-    aux = BebopMTPHead(dataclasses.replace(head.shape, aux_layer_ids=tuple(int(i) for i in aux_layer_ids)))
+    num_layers = int(read_target_config(target_model_dir)["num_hidden_layers"])
+    aux = BebopMTPHead(head.shape.with_aux_layers(check_aux_layer_ids(aux_layer_ids, num_layers)))
     ref = next(head.parameters())
     aux.to(device=ref.device, dtype=ref.dtype)
     missing, unexpected = aux.load_state_dict(head.state_dict(), strict=False)
@@ -295,10 +290,7 @@ def new_head(
             raise BebopError(f"--head-intermediate-size must be at least 1, got {intermediate_size}")
         shape = dataclasses.replace(shape, intermediate_size=int(intermediate_size))
     if aux_layer_ids:
-        head_config(tcfg, 1, aux_layer_ids=tuple(aux_layer_ids))  # validates the ids
-        if shape.is_qwen3_5:
-            raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
-        shape = dataclasses.replace(shape, aux_layer_ids=tuple(int(i) for i in aux_layer_ids))
+        shape = shape.with_aux_layers(check_aux_layer_ids(aux_layer_ids, int(tcfg["num_hidden_layers"])))
     head = BebopMTPHead(shape)
     gen = torch.Generator().manual_seed(seed)
     std = float(tcfg.get("initializer_range", 0.02))

@@ -25,7 +25,9 @@ Two layer kinds, chosen by the target (``HeadShape.layer_kind``):
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +90,6 @@ class HeadShape:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise BebopError(f"bebop heads support the default RoPE only; the target uses rope_type {rope_type!r}")
-        aux = tuple(int(i) for i in (cfg.get("bebop") or {}).get("aux_layer_ids") or ())
-        if aux and kind != "llama":
-            raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
         h, n = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         return cls(
             hidden_size=h,
@@ -103,8 +102,27 @@ class HeadShape:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             layer_kind=kind,
             partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
-            aux_layer_ids=aux,
-        )
+        ).with_aux_layers((cfg.get("bebop") or {}).get("aux_layer_ids") or ())
+
+    def with_aux_layers(self, aux_layer_ids: Sequence[int]) -> HeadShape:
+        """This shape reading the target layers ``aux_layer_ids`` too (Llama heads only: Qwen3.5
+        heads fill the target's native MTP slots, which have no place for them)."""
+        ids = tuple(int(i) for i in aux_layer_ids)
+        if ids and self.layer_kind != "llama":
+            raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
+        return dataclasses.replace(self, aux_layer_ids=ids)
+
+
+def check_aux_layer_ids(aux_layer_ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """The aux layer ids if valid for a ``num_layers``-layer target: ascending, distinct, in
+    1..num_layers - 1 (vLLM's numbering: id i = the output of layer i - 1; id num_layers, the
+    last layer's output, is what serving adds to rebuild h_t)."""
+    ids = list(aux_layer_ids)
+    ok = all(isinstance(i, int) and not isinstance(i, bool) and 1 <= i < num_layers for i in ids)
+    if not ok or ids != sorted(set(ids)):
+        raise BebopError(f"aux layer ids must be ascending, distinct and in 1..{num_layers - 1} for this "
+                         f"{num_layers}-layer target, got {ids}")
+    return tuple(ids)
 
 
 QWEN3_5_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")

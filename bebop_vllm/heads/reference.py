@@ -12,7 +12,7 @@ import torch
 
 from bebop_vllm.heads.checkpoint import load_heads
 from bebop_vllm.heads.module import BebopMTPHead
-from bebop_vllm.heads.target import load_target_model, target_states
+from bebop_vllm.heads.target import head_features, load_target_model, target_states
 
 
 @torch.no_grad()
@@ -69,5 +69,4 @@ def draft_reference(
     head = load_heads(heads_dir, target_model_dir, dtype=dtype)
     target = load_target_model(target_model_dir, dtype=dtype)
     hidden, aux = target_states(target, torch.tensor([token_ids[:-1]]), head.shape.aux_layer_ids)
-    features = hidden[0] if aux is None else torch.cat([aux[0], hidden[0]], dim=-1)
-    return draft_chain_probs(head, features, token_ids, draft_token_ids, temperature)
+    return draft_chain_probs(head, head_features(hidden, aux)[0], token_ids, draft_token_ids, temperature)

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from bebop_vllm.errors import BebopError
+from bebop_vllm.heads.module import check_aux_layer_ids
 
 
 def read_target_config(target_model_dir: str | Path) -> dict[str, Any]:
@@ -75,13 +76,17 @@ def target_states(
     aux-hidden-state numbering (id i = the output of layer i - 1, before any norm; vLLM's
     LlamaModel.forward, llama.py:432-441, vLLM 0.32), which equals transformers'
     ``hidden_states[i]`` for i < num_layers (its last entry is post-norm, so id num_layers is
-    refused here). With right padding (``attention_mask``), real positions are exact.
+    refused here). :func:`head_features` lays the two out as an aux head reads them. With right
+    padding (``attention_mask``), real positions are exact.
     """
-    num_layers = len(model.model.layers)
-    bad = [i for i in aux_layer_ids if not 1 <= i < num_layers]
-    if bad:
-        raise BebopError(f"aux layer ids must lie in 1..{num_layers - 1} for this {num_layers}-layer target, got {bad}")
+    aux_layer_ids = check_aux_layer_ids(aux_layer_ids, len(model.model.layers))
     out = model.model(input_ids=token_ids, attention_mask=attention_mask, output_hidden_states=bool(aux_layer_ids))
     if not aux_layer_ids:
         return out.last_hidden_state, None
     return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in aux_layer_ids], dim=-1)
+
+
+def head_features(hidden: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+    """What a head reads at depth 1: [..., H] = h for a plain head, [..., (n + 1) H] = [aux, h]
+    for a head with aux layers (``BebopMTPHead.combine``'s layout, vLLM's capture order)."""
+    return hidden if aux is None else torch.cat([aux, hidden], dim=-1)

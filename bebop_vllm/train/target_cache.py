@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from bebop_vllm.hardware import cpu_has_bf16
 from bebop_vllm.heads.target import (
+    head_features,
     load_target_model,
     read_target_config,
     target_embedding_and_lm_head,
@@ -226,8 +227,7 @@ class HiddenCache:
         if i not in self.aux_done:
             raise IndexError(f"sequence {i} has no cached aux features for layers {self.aux_layer_ids}")
         lo, hi = self.seqs.offsets[i], self.seqs.offsets[i + 1]
-        aux = torch.from_numpy(np.asarray(self.aux[lo:hi], dtype=np.float32))
-        return torch.cat([aux, self.hidden(i)], dim=-1)
+        return head_features(self.hidden(i), torch.from_numpy(np.asarray(self.aux[lo:hi], dtype=np.float32)))
 
     def log_normaliser(self, i: int) -> torch.Tensor:
         """[L_i] float32: logsumexp of the target's full-vocabulary logits / T_i per position."""

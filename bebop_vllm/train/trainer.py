@@ -193,7 +193,7 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
     mass_in_vocab = float(train_cache.mass[ranking[:size]].sum() / max(train_cache.mass.sum(), 1e-12)) if size else 1.0
     depth_weights = cfg.depth_decay ** torch.arange(cfg.num_depths, dtype=torch.float32)
 
-    opt = torch.optim.AdamW(_param_groups(head, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(head, cfg), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state_path = cfg.out_dir / "train_state.pt"
     step, chains_seen, cursor, history = 0, 0, 0, []
     if cfg.resume and state_path.exists():
@@ -381,16 +381,17 @@ def _chains(
     )
 
 
-def _param_groups(head: BebopMTPHead, cfg: TrainConfig) -> list[dict]:
+def param_groups(head: BebopMTPHead, cfg: TrainConfig) -> list[dict]:
     """The optimizer's parameter groups: every trainable tensor (an aux head's ``target_norm`` is
     the target's, frozen), the aux input path in a group of its own when ``aux_lr_scale`` != 1 (a
     zero-initialised projection added to trained heads learns from nothing while the rest only
     needs a small step)."""
     named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
-    aux = [p for n, p in named if n.startswith(("aux_fc.", "aux_norms."))]
-    if not aux or cfg.aux_lr_scale == 1.0:
+    is_aux = [n.startswith(("aux_fc.", "aux_norms.")) for n, _ in named]
+    if not any(is_aux) or cfg.aux_lr_scale == 1.0:
         return [{"params": [p for _, p in named], "lr_scale": 1.0}]
-    rest = [p for n, p in named if not n.startswith(("aux_fc.", "aux_norms."))]
+    rest = [p for (_, p), a in zip(named, is_aux, strict=True) if not a]
+    aux = [p for (_, p), a in zip(named, is_aux, strict=True) if a]
     return [{"params": rest, "lr_scale": 1.0}, {"params": aux, "lr_scale": float(cfg.aux_lr_scale)}]
 
 
