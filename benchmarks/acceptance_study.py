@@ -346,10 +346,15 @@ def stage_timed(cfg: StudyConfig, prompts: list[dict[str, Any]], specs: dict[str
 
 class Analyzer:
     """The target and the heads in PyTorch, loaded once; target hidden states of the held-out
-    samples are kept on disk (``hidden_dir``, fp32) so the head-independent part runs once."""
+    samples are kept on disk (``hidden_dir``, fp32) so the head-independent part runs once.
+    Heads with aux layers (EAGLE-3-style) also read the residual stream after some target
+    layers: those of the union of the heads' aux layer ids are kept per sequence too, in a file
+    of their own (``<key>-<sha>-aux<ids>.pt``, a dict layer id -> [L, H]) next to the hidden
+    states' (``<key>-<sha>.pt``, unchanged: caches written before aux heads still load)."""
 
     def __init__(self, cfg: StudyConfig, hidden_dir: Path | None = None) -> None:
         import torch
+        from study.analytic import aux_layers_of
 
         from bebop_vllm.heads import load_heads
         from bebop_vllm.heads.target import load_target_model
@@ -361,62 +366,95 @@ class Analyzer:
         self.heads = {name: load_heads(d, cfg.model_dir, dtype=torch.float32) for name, d in cfg.heads.items()}
         for h in self.heads.values():
             h.eval()
+        self.aux_layer_ids = aux_layers_of(self.heads.values())
 
-    def hidden(self, tokens: list[int], key: str | None) -> Any:
+    def states(self, tokens: list[int], key: str | None) -> tuple[Any, dict[int, Any]]:
+        """(post-norm hidden states [L, H], residual stream [L, H] by aux layer id) of ``tokens``:
+        from ``external`` or the disk cache where there, else one target pass (cached under ``key``)."""
         import torch
-        from study.analytic import target_hidden
+        from study.analytic import target_hidden_and_aux
 
-        ext = self.external.get(json.dumps(tokens))
-        if ext is not None:
-            return ext
-        if key is None or self.hidden_dir is None:
-            return target_hidden(self.target, tokens)
-        path = self._path(tokens, key)
-        if path.is_file():
-            return torch.load(path)
-        h = target_hidden(self.target, tokens)
-        self.hidden_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(h, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-        return h
+        disk = key if self.hidden_dir is not None else None  # the cache key, None: no disk cache
+        h = self.external.get(json.dumps(tokens))
+        if h is None and disk is not None and self._path(tokens, disk).is_file():
+            h = torch.load(self._path(tokens, disk))
+        aux: dict[int, Any] | None = {}
+        if self.aux_layer_ids:
+            aux_path = None if disk is None else self._aux_path(tokens, disk)
+            aux = torch.load(aux_path) if aux_path is not None and aux_path.is_file() else None
+        if h is not None and aux is not None:
+            return h, aux
+        new_h, aux = target_hidden_and_aux(self.target, tokens, self.aux_layer_ids)
+        if disk is not None:
+            self._save(tokens, disk, new_h, aux)
+        return (new_h if h is None else h), aux
 
-    def _path(self, tokens: list[int], key: str) -> Path:
+    def _path(self, tokens: list[int], key: str, suffix: str = "") -> Path:
         import hashlib
 
         assert self.hidden_dir is not None
-        return self.hidden_dir / f"{key}-{hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}.pt"
+        return self.hidden_dir / f"{key}-{hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]}{suffix}.pt"
+
+    def _aux_path(self, tokens: list[int], key: str) -> Path:
+        return self._path(tokens, key, "-aux" + "_".join(map(str, self.aux_layer_ids)))
+
+    def _missing(self, tokens: list[int], key: str) -> bool:
+        no_h = not self._path(tokens, key).is_file() and json.dumps(tokens) not in self.external
+        return no_h or (bool(self.aux_layer_ids) and not self._aux_path(tokens, key).is_file())
+
+    def _save(self, tokens: list[int], key: str, hidden: Any, aux: dict[int, Any]) -> None:
+        """Write what the disk cache lacks: the hidden states (unless external) and the aux features."""
+        import torch
+
+        assert self.hidden_dir is not None
+        self.hidden_dir.mkdir(parents=True, exist_ok=True)
+        todo = []
+        if not self._path(tokens, key).is_file() and json.dumps(tokens) not in self.external:
+            todo.append((self._path(tokens, key), hidden))
+        if self.aux_layer_ids and not self._aux_path(tokens, key).is_file():
+            todo.append((self._aux_path(tokens, key), aux))
+        for path, value in todo:
+            torch.save(value, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
 
     def prefill_shared(self, prompt: list[int], conts: list[tuple[str, list[int]]]) -> None:
-        """Hidden states of several continuations of one prompt, running the prompt once (its KV
-        cache is copied per continuation; equal to a full forward up to float rounding)."""
+        """Hidden states (and aux features) of several continuations of one prompt, running the
+        prompt once (its KV cache is copied per continuation; equal to a full forward up to float
+        rounding) and each distinct continuation once."""
         import copy
 
         import torch
 
-        todo = [(k, c) for k, c in conts
-                if not self._path(prompt + c, k).is_file() and json.dumps(prompt + c) not in self.external]
+        todo = [(k, c) for k, c in conts if self._missing(prompt + c, k)]
         if not todo or self.hidden_dir is None:
             return
-        self.hidden_dir.mkdir(parents=True, exist_ok=True)
+        ids = self.aux_layer_ids
+
+        def states(out: Any) -> tuple[Any, dict[int, Any]]:
+            return out.last_hidden_state[0].float(), {i: out.hidden_states[i][0].float() for i in ids}
+
+        done: dict[str, tuple[Any, dict[int, Any]]] = {}
         with torch.no_grad():
-            out = self.target.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            out = self.target.model(input_ids=torch.tensor([prompt]), use_cache=True, output_hidden_states=bool(ids))
             for key, cont in todo:
-                h = out.last_hidden_state[0].float()
-                if cont:
-                    rest = self.target.model(input_ids=torch.tensor([cont]),
-                                             past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
-                    h = torch.cat([h, rest.last_hidden_state[0].float()])
-                path = self._path(prompt + cont, key)
-                torch.save(h, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
+                if json.dumps(cont) not in done:
+                    h, aux = states(out)
+                    if cont:
+                        rest = states(self.target.model(
+                            input_ids=torch.tensor([cont]), past_key_values=copy.deepcopy(out.past_key_values),
+                            use_cache=True, output_hidden_states=bool(ids)))
+                        h, aux = torch.cat([h, rest[0]]), {i: torch.cat([aux[i], rest[1][i]]) for i in ids}
+                    done[json.dumps(cont)] = h, aux
+                self._save(prompt + cont, key, *done[json.dumps(cont)])
 
     def run(self, tokens: list[int], prompt_len: int, temperature: float, heads: list[str],
             key: str | None = None) -> dict[str, Any]:
         from study.analytic import SequenceInput, sequence_stats
 
         seq = SequenceInput(tokens=tokens, prompt_len=prompt_len, temperature=temperature)
+        hidden, aux = self.states(tokens, key)
         return sequence_stats(self.target, {h: self.heads[h] for h in heads}, seq, self.cfg.num_depths,
-                              hidden=self.hidden(tokens, key))
+                              hidden=hidden, aux=aux)
 
 
 def stage_hidden(prompts: list[dict[str, Any]], samples: list[dict[str, Any]], analyzer: Analyzer) -> None:

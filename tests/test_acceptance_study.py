@@ -100,6 +100,106 @@ def test_greedy_acceptance_never_exceeds_the_max_probability(tiny) -> None:  # n
     assert st["greedy"]["alpha"][0] <= st["pmax"] + 1e-6
 
 
+@pytest.fixture(scope="module")
+def tiny_aux(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """A 3-layer tiny target and head folders: ``plain`` (random), ``zero`` (+ aux layers 1, 2 by
+    ``add_aux_layers``: aux_fc zero), ``random`` (layers 1, 2, random aux_fc), ``upper`` (layer 2,
+    random aux_fc). Returns (target model, target dir, {name: head folder})."""
+    from bebop_vllm.heads import init_random_heads, load_heads, save_heads
+    from bebop_vllm.heads.checkpoint import add_aux_layers
+    from bebop_vllm.heads.target import load_target_model, read_target_config
+    from bebop_vllm.heads.tiny import make_tiny_target
+
+    d = tmp_path_factory.mktemp("tiny-aux")
+    target_dir = make_tiny_target(d / "target", num_layers=3)
+    init_random_heads(target_dir, d / "plain", num_depths=3, seed=1)
+    plain = load_heads(d / "plain", target_dir)
+    dirs = {"plain": d / "plain"}
+    gen = torch.Generator().manual_seed(0)
+    for name, ids in (("zero", (1, 2)), ("random", (1, 2)), ("upper", (2,))):
+        head = add_aux_layers(plain, ids, target_dir)
+        if name != "zero":
+            with torch.no_grad():
+                head.aux_fc.weight.normal_(0.0, 0.3, generator=gen)
+        dirs[name] = save_heads(head, d / name, read_target_config(target_dir), head.metadata, dtype="fp32")
+    return load_target_model(target_dir), target_dir, dirs
+
+
+def test_aux_heads_read_their_own_layers_at_depth_one_only(tiny_aux) -> None:  # noqa: ANN001
+    """sequence_stats on heads with aux layers: with aux_fc zero exactly the plain head's numbers;
+    with a random aux_fc other acceptance but the same target side (entropy); each head's numbers
+    equal its chains fed [its layers' residual streams, h] built by hand from the target's
+    hidden_states; hidden states without the aux streams are refused by name."""
+    from bebop_vllm.errors import BebopError
+    from bebop_vllm.heads import load_heads
+
+    target, target_dir, dirs = tiny_aux
+    heads = {name: load_heads(d, target_dir) for name, d in dirs.items()}
+    tokens = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    seq = SequenceInput(tokens, 9, 0.8)
+    st = sequence_stats(target, heads, seq, 3)
+    assert st["zero"] == st["plain"]
+    for name in ("random", "upper"):
+        a, b = st[name]["probabilistic"]["alpha"], st["plain"]["probabilistic"]["alpha"]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) > 1e-3, name
+        assert st[name]["entropy"] == st["plain"]["entropy"]
+    out = target.model(input_ids=torch.tensor([tokens]), output_hidden_states=True)
+    h, streams = out.last_hidden_state[0], out.hidden_states  # streams[i]: after layer i - 1
+    for name, ids in (("random", (1, 2)), ("upper", (2,))):
+        reads = torch.cat([*(streams[i][0] for i in ids), h], dim=-1)
+        assert head_stats(heads[name], seq, h, 3, head_input=reads) == st[name], name
+    aux = {i: streams[i][0] for i in (1, 2)}
+    assert sequence_stats(target, heads, seq, 3, hidden=h, aux=aux) == st
+    with pytest.raises(BebopError, match=r"reads the target's aux layers \[2\]; no residual stream was given for"):
+        sequence_stats(target, {"upper": heads["upper"]}, seq, 3, hidden=h)
+
+
+def test_analyzer_caches_the_aux_streams_its_heads_read(tiny_aux, tmp_path: Path) -> None:  # noqa: ANN001
+    """The study's Analyzer keeps the union of its heads' aux layers next to the hidden states
+    (a file of its own); cached, prefilled and fresh passes give the same numbers; a cache written
+    before aux heads (hidden states only) still loads and gains the aux file; an analyzer of plain
+    heads writes the hidden states only, as before."""
+    from acceptance_study import Analyzer
+    from study.common import StudyConfig
+
+    target, target_dir, dirs = tiny_aux
+
+    def analyzer(names: list[str]) -> Analyzer:
+        cfg = StudyConfig(
+            model_dir=str(target_dir), heads={n: str(dirs[n]) for n in names}, primary=names[0], domains=["x"],
+            prompts_per_domain=1, max_prompt_tokens=64, max_new_tokens=32, temperatures=[0.8],
+            compare_temperatures=[0.8], num_depths=3, seed=0, engine=False, engine_prompts_per_domain=0,
+            engine_max_new_tokens=0, engine_temperatures=[], engine_configs=[],
+        )
+        return Analyzer(cfg, tmp_path / "hidden")
+
+    tokens = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    an = analyzer(["plain", "random", "upper"])
+    assert an.aux_layer_ids == (1, 2)
+    want = sequence_stats(an.target, an.heads, SequenceInput(tokens, 9, 0.8), 3)  # a fresh pass, no cache
+    an.prefill_shared(tokens[:9], [("a", tokens[9:]), ("b", tokens[9:20])])
+    names = sorted(p.name for p in (tmp_path / "hidden").iterdir())
+    assert len(names) == 4 and sum(n.endswith("-aux1_2.pt") for n in names) == 2, names
+    got = an.run(tokens, 9, 0.8, ["plain", "random", "upper"], key="a")
+    for name in want:  # the prefill ran the prompt once: equal up to float rounding
+        assert got[name]["probabilistic"]["alpha"] == pytest.approx(want[name]["probabilistic"]["alpha"], abs=1e-5)
+    (h_file,) = (f for f in (tmp_path / "hidden").glob("a-*.pt") if "-aux" not in f.name)
+    aux_file = h_file.with_name(h_file.stem + "-aux1_2.pt")
+    aux_file.unlink()  # a cache from before aux heads: hidden states only
+    hidden, aux = an.states(tokens, "a")
+    assert torch.equal(hidden, torch.load(h_file)) and aux_file.is_file()
+    streams = target.model(input_ids=torch.tensor([tokens]), output_hidden_states=True).hidden_states
+    for i in (1, 2):
+        assert torch.equal(torch.load(aux_file)[i], aux[i])
+        torch.testing.assert_close(aux[i], streams[i][0])
+    assert an.run(tokens, 9, 0.8, ["plain", "random", "upper"], key="a") == sequence_stats(
+        an.target, an.heads, SequenceInput(tokens, 9, 0.8), 3, hidden=hidden, aux=aux)
+    plain = analyzer(["plain"])
+    assert plain.aux_layer_ids == ()
+    plain.prefill_shared(tokens[:9], [("c", tokens[9:])])
+    assert len(list((tmp_path / "hidden").glob("c-*"))) == 1
+
+
 def _fit(slope: float, r2: float, p: float, n: int = 50) -> dict:
     return {"n": n, "slope": slope, "intercept": 0.5, "r2": r2, "slope_se": 0.01, "p_value": p}
 

@@ -297,14 +297,54 @@ def test_vocab_chains_head_input_changes_what_the_head_reads_not_the_target(setu
 
 
 
+def test_evaluate_reads_an_aux_heads_features(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """``evaluate`` on a head with aux layers: the numbers of ``evaluate_vocab`` (full vocabulary,
+    every sequence at T = 1); with ``aux_fc`` zero exactly the plain head's (``add_aux_layers``
+    preserves the function), with a random ``aux_fc`` other ones; a cache without the head's aux
+    layers, or without them for some sequence, is refused by name instead of a width error."""
+    import shutil
+
+    from bebop_vllm.heads.checkpoint import add_aux_layers
+    from bebop_vllm.train.evaluate import evaluate_vocab
+
+    target, data = setup
+    shutil.copytree(data / "heldout", tmp_path / "heldout")  # the aux files stay out of the shared data
+    held = load_split(tmp_path, "heldout")
+    idx = list(range(len(held)))
+    cache = HiddenCache(tmp_path, "heldout", held, target, (1,))
+    cache.fill(idx, progress=False)
+    plain = new_head(target, seed=3)
+    zero = add_aux_layers(plain, (1,), target)
+    aux = add_aux_layers(plain, (1,), target)
+    with torch.no_grad():
+        aux.aux_fc.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    m_plain = evaluate(plain, held, cache, idx, 3, 1.0, progress=False)
+    assert evaluate(zero, held, cache, idx, 3, 1.0, progress=False) == m_plain
+    m_aux = evaluate(aux, held, cache, idx, 3, 1.0, progress=False)
+    assert max(abs(a - b) for a, b in zip(m_aux.alphas, m_plain.alphas, strict=True)) > 1e-3, (m_aux, m_plain)
+    ref = evaluate_vocab(aux, held, cache, idx, 3, progress=False)
+    assert m_aux.num_chains == ref.num_chains > 0
+    assert m_aux.alphas == pytest.approx(ref.alphas, abs=3e-5)
+    assert m_aux.expected_accepted_length == pytest.approx(ref.expected_accepted_length, abs=3e-5)
+    with pytest.raises(BebopError, match=r"reads the target's aux layers \[1\].*holds none: build it as HiddenCache"):
+        evaluate(aux, held, HiddenCache(tmp_path, "heldout", held, target), idx, 3, 1.0, progress=False)
+    shutil.copytree(data / "heldout", tmp_path / "other" / "heldout")
+    part = HiddenCache(tmp_path / "other", "heldout", held, target, (1,))
+    part.fill([0], progress=False)
+    with pytest.raises(BebopError, match=r"have no cached features of the aux layers \[1\]"):
+        evaluate(aux, held, part, idx, 3, 1.0, progress=False)
+    assert evaluate(zero, held, part, [0], 3, 1.0, progress=False) == evaluate(plain, held, part, [0], 3, 1.0,
+                                                                               progress=False)
+
+
 def test_make_heads_chains_its_stages() -> None:
     import argparse
 
     from bebop_vllm.commands.make_heads import commands
 
-    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,kl-more,e2e-tv")
+    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,kl-more,e2e-tv,aux-tv")
     plan = dict(commands(args))
-    assert list(plan) == ["kl", "kl-all", "kl-more", "e2e-tv"]
+    assert list(plan) == ["kl", "kl-all", "kl-more", "e2e-tv", "aux-tv"]
 
     def flag(argv: list[str], name: str) -> str | None:
         return argv[argv.index(name) + 1] if name in argv else None
@@ -313,7 +353,8 @@ def test_make_heads_chains_its_stages() -> None:
     assert flag(plan["kl-all"], "--init-from") == flag(plan["kl"], "--out") == "heads/x-kl"
     assert flag(plan["kl-more"], "--init-from") == flag(plan["kl-all"], "--out") == "heads/x-kl-all"
     assert flag(plan["e2e-tv"], "--init-from") == flag(plan["kl-more"], "--out") == "heads/x-kl-more"
-    assert flag(plan["e2e-tv"], "--out") == "heads/x"
+    assert flag(plan["aux-tv"], "--init-from") == flag(plan["e2e-tv"], "--out") == "heads/x-e2e-tv"
+    assert flag(plan["aux-tv"], "--out") == "heads/x" and flag(plan["aux-tv"], "--aux-layers") == "2,15,27"
     with pytest.raises(BebopError, match="unknown stage"):
         commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))
 

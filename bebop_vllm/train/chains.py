@@ -39,19 +39,23 @@ def sequence_chains(
     num_depths: int,
     temperature: float,
     chain_starts: torch.Tensor | None = None,
+    head_input: torch.Tensor | None = None,
 ) -> ChainBatch:
     """Draft logits (with grad) and target probabilities for the chains of one sequence.
 
     ``tokens`` [L] int64, ``hidden`` [L, H] target post-norm final hidden states,
     ``chain_starts``: which t to keep (default: every t in [prompt_len - 1, L - 2]). The head
-    runs over the whole sequence (the prompt positions are attention context).
+    runs over the whole sequence (the prompt positions are attention context). ``head_input``
+    [L, H']: what the head reads at depth 1 in place of ``hidden`` (as in :func:`vocab_chains`,
+    e.g. an aux head's ``[aux, h]``); the target's distributions always come from ``hidden``.
     """
     length = tokens.shape[0]
     if chain_starts is None:
         chain_starts = torch.arange(max(prompt_len - 1, 0), length - 1)
-    dtype = head.fc.weight.dtype
+    reads = hidden if head_input is None else head_input
     outs = head.unroll(
-        tokens[1:][None], hidden[:-1][None].to(dtype), num_depths, int(chain_starts.min()) if len(chain_starts) else 0
+        tokens[1:][None], reads[:-1][None].to(head.fc.weight.dtype), num_depths,
+        int(chain_starts.min()) if len(chain_starts) else 0,
     )
     depth = torch.arange(1, num_depths + 1)
     pos = chain_starts[:, None] + depth[None, :] - 1  # where depth j of chain t runs

@@ -30,14 +30,42 @@ def evaluate(
 ) -> HeldoutMetrics:
     """alpha_j = mean over chains with depth j of sum_v min(p_j, q_j); the expected accepted
     length is the mean over full-depth chains of 1 + sum_j prod_{i<=j} alpha_i (per chain, so
-    correlations between depths count)."""
+    correlations between depths count). A head with aux layers reads ``cache.features``
+    (:func:`cache_head_inputs`); the target's distributions come from ``cache.hidden``."""
+    reads = cache_head_inputs(head, cache, indices)
     head.eval()
     tally = _Tally(num_depths)
     for i in tqdm(indices, desc="held-out eval", leave=False, disable=not progress, dynamic_ncols=True):
         tokens = torch.from_numpy(seqs.sequence(i).astype("int64"))
-        tally.add(sequence_chains(head, tokens, cache.hidden(i), int(seqs.prompt_lens[i]), num_depths, temperature))
+        plen = int(seqs.prompt_lens[i])
+        head_input = None if reads is None else reads(i)
+        tally.add(sequence_chains(head, tokens, cache.hidden(i), plen, num_depths, temperature, head_input=head_input))
     head.train()
     return tally.metrics(len(indices), temperature)
+
+
+def cache_head_inputs(
+    head: BebopMTPHead, cache: HiddenCache, indices: list[int]
+) -> Callable[[int], torch.Tensor] | None:
+    """What ``head`` reads at depth 1 for sequence i of ``cache``: None for a plain head (it reads
+    ``cache.hidden(i)``), ``cache.features`` for a head with aux layers, whose cache must hold
+    that head's aux layers for every sequence of ``indices`` (else a BebopError says so)."""
+    ids = head.shape.aux_layer_ids
+    if not ids:
+        return None
+    if tuple(cache.aux_layer_ids) != ids:
+        raise BebopError(
+            f"the head reads the target's aux layers {list(ids)}, the target cache {cache.path.parent} holds "
+            f"{list(cache.aux_layer_ids) or 'none'}: build it as HiddenCache(..., aux_layer_ids={ids}) and fill() "
+            "it (one target pass; cached hidden states are kept)"
+        )
+    missing = [i for i in indices if i not in cache.aux_done]
+    if missing:
+        raise BebopError(
+            f"{len(missing)} sequences (e.g. {missing[:5]}) have no cached features of the aux layers {list(ids)} "
+            f"in {cache.path.parent}: call fill() on the cache for them first"
+        )
+    return cache.features
 
 
 class _Tally:
@@ -92,11 +120,8 @@ def evaluate_vocab(
     default: ``cache.features`` for a head with aux layers, whose cache must hold them)."""
     from bebop_vllm.train.chains import vocab_chains
 
-    if head_inputs is None and head.shape.aux_layer_ids:
-        if tuple(cache.aux_layer_ids) != head.shape.aux_layer_ids:
-            raise BebopError(f"the head reads aux layers {list(head.shape.aux_layer_ids)}, the cache holds "
-                             f"{list(cache.aux_layer_ids)}: build the HiddenCache with the head's aux_layer_ids")
-        head_inputs = cache.features
+    if head_inputs is None:
+        head_inputs = cache_head_inputs(head, cache, indices)
 
     head.eval()
     tally = _Tally(num_depths)
