@@ -37,7 +37,8 @@ def engine_measured(result: dict[str, Any], batch: int = 1, fixed_engine: str = 
     if not per_step:
         raise BebopError(f"the throughput result has no batch-{batch} cells with engine {fixed_engine!r} "
                          "(run bench_throughput.py with --batches 1 and --engines none,bebop,...)")
-    speedups = {key.split("|")[0]: {e: round(float(r), 3) for e, r in ratios.items()}
+    # engines named ENGINE@NAME ran other heads (bench_throughput.py --alt-heads): not these heads' numbers
+    speedups = {key.split("|")[0]: {e: round(float(r), 3) for e, r in ratios.items() if "@" not in e}
                 for key, ratios in result.get("summary", {}).items() if key.split("|")[1] == str(batch)}
     machine = result.get("machine", "")
     return EngineMeasured(command=result["command"], k=int(result["config"]["k"]),

@@ -22,12 +22,14 @@ compiled with Inductor; ~2 minutes of start-up on 2 cores) on the shipped heads,
 (``enforce_eager=True``, what the benchmarks ran until 2026-12) on the shipped heads with their MLP
 widened 2x (``widen_mlp``: same function, a draft layer wider than the target's, which vLLM must
 build from the heads' config.json). The compiled engine also reports that both modules really
-were compiled, so its parity is not an eager run in disguise. A third engine (eager) serves the
-shipped heads given EAGLE-3-style aux layers (2, 15, 27) with a random, non-zero projection
-(``add_aux_layers``): the runner captures the target's aux hidden states, the ``aux_features``
-patch combines them, and the drafts must still equal the reference (which takes the same layers
-from a transformers pass); its "other heads" control is the same heads without aux layers, so
-the test fails if vLLM's drafts ignore the features.
+were compiled, so its parity is not an eager run in disguise. The shipped heads (since
+smollm2-135m-v6) read EAGLE-3-style aux layers (2, 15, 27), so both engines serve them: the
+runner captures the target's aux hidden states and the ``aux_features`` patch combines them. A
+third engine (eager) serves the same heads with their aux projection replaced by a random,
+non-zero one (N(0, 0.1); plain heads get the layers first with ``add_aux_layers``), and the
+drafts must still equal the reference (which takes the same layers from a transformers pass);
+its "other heads" control is the heads as shipped (their trained projection is small), so the
+test fails if vLLM's drafts ignore the features.
 """
 
 from __future__ import annotations
@@ -104,14 +106,15 @@ def _take_record(worker) -> dict:
 
 
 def _with_aux_layers(heads: Path, out: Path) -> Path:
-    """``heads`` reading the target's layers 2, 15 and 27 through a random projection (N(0, 0.1):
-    the drafts move far from the plain heads'; acceptance is irrelevant here)."""
+    """``heads`` reading the target's aux layers (their own, else 2, 15 and 27) through a random
+    projection (N(0, 0.1): the drafts move far from those of ``heads``, whose own projection is
+    zero or trained small; acceptance is irrelevant here)."""
     import shutil
 
     from bebop_vllm.heads.checkpoint import add_aux_layers, load_heads, save_heads
 
     head = load_heads(heads, _model_dir())
-    aux = add_aux_layers(head, (2, 15, 27), _model_dir())
+    aux = head if head.shape.aux_layer_ids else add_aux_layers(head, (2, 15, 27), _model_dir())
     with torch.no_grad():
         aux.aux_fc.weight.copy_(torch.randn(aux.aux_fc.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
     target_config = json.loads((_model_dir() / "config.json").read_text())
@@ -156,7 +159,7 @@ def parity(request, tmp_path_factory):
     if mode == "eager-widened":
         heads = _widened(Path(heads), tmp / "widened")
     elif mode == "eager-aux":
-        other = Path(heads)  # the control: the same heads without their aux features
+        other = Path(heads)  # the control: the same heads without this projection of their aux features
         heads = _with_aux_layers(Path(heads), tmp / "aux")
     out = tmp / "records.json"
     engine_mode = mode.split("-")[0]

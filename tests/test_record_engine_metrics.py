@@ -39,7 +39,7 @@ def _result(heads: Path) -> dict:
             "config": {"heads": str(heads), "k": 3},
             "cells": [_cell(1.0, 1, "math", 1.75), _cell(1.0, 1, "code", 1.95), _cell(0.0, 1, "math", 2.5),
                       _cell(1.0, 16, "math", 9.9)],
-            "summary": {"1.0|1": {"bebop": 1.2}, "1.0|16": {"bebop": 0.8}, "0.0|1": {"bebop": 1.4}}}
+            "summary": {"1.0|1": {"bebop": 1.2, "bebop@old": 1.1}, "1.0|16": {"bebop": 0.8}, "0.0|1": {"bebop": 1.4}}}
 
 
 def test_record_writes_batch1_numbers_into_the_heads_metadata(tmp_path: Path) -> None:
@@ -51,7 +51,8 @@ def test_record_writes_batch1_numbers_into_the_heads_metadata(tmp_path: Path) ->
     meta = read_metadata(heads)
     assert meta.engine is not None and meta.engine.k == 3
     assert meta.engine.tokens_per_verify_step == {"1.0": {"math": 1.75, "code": 1.95}, "0.0": {"math": 2.5}}
-    assert meta.engine.speedup_vs_plain == {"1.0": {"bebop": 1.2}, "0.0": {"bebop": 1.4}}  # batch 16 left out
+    # batch 16 and the engines of other heads (bebop@old: --alt-heads) left out
+    assert meta.engine.speedup_vs_plain == {"1.0": {"bebop": 1.2}, "0.0": {"bebop": 1.4}}
     assert meta.heldout == before.heldout and meta.train_steps == before.train_steps  # the rest is kept
 
 

@@ -9,10 +9,13 @@ Stages (each one resumable on its own, so a rerun continues where the last run s
    first 2,600 train sequences (``kl``), then continued on all of them (``kl-all``) and once
    more (``kl-more``): the order the shipped heads were made in, one work session each;
 5. e2e-TV fine-tune of the KL heads (the paper's loss as a fine-tuning objective);
-6. the heads folder (weights, ``draft_vocab.json``, metadata with held-out alpha per depth,
+6. ``aux-tv``: the e2e-TV heads gain EAGLE-3-style features of the target's layers 2, 15 and 27
+   (added function-preservingly, the target pass caches those layers for the first 1,792 train
+   sequences) and are fine-tuned with e2e-TV once more;
+7. the heads folder (weights, ``draft_vocab.json``, metadata with held-out alpha per depth,
    ``train_log.json``, ``learning_curve.png``).
 
-Stages 1-2 run ``bebop generate-data`` and 3-5 ``bebop train`` in subprocesses (each frees its
+Stages 1-2 run ``bebop generate-data`` and 3-6 ``bebop train`` in subprocesses (each frees its
 memory: a vLLM engine and a trainer do not share the 2 cores well). The recipe below is the one
 that made the shipped heads; docs/training.md says how long each stage took on 2 cores.
 """
@@ -58,6 +61,11 @@ class Recipe:
         "--loss", "e2e-tv", "--steps", "250", "--chains-per-step", "1024", "--draft-vocab-size", "8192",
         "--lr", "5e-4", "--warmup-steps", "10", "--eval-every", "125", "--eval-sequences", "24", "--seed", "1",
     )  # fmt: skip
+    aux_tv: tuple[str, ...] = (
+        "--aux-layers", "2,15,27", "--loss", "e2e-tv", "--steps", "600", "--chains-per-step", "1024",
+        "--draft-vocab-size", "8192", "--lr", "3e-4", "--warmup-steps", "20", "--eval-every", "150",
+        "--eval-sequences", "24", "--seed", "4", "--max-train-sequences", "1792",
+    )  # fmt: skip
     env: dict[str, str] = field(
         default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "6", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     )
@@ -69,21 +77,22 @@ RECIPE = Recipe()
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
-        help="reproduce the shipped default heads end to end (data, target pass, KL, e2e-TV fine-tune)",
+        help="reproduce the shipped default heads end to end (data, target pass, KL, e2e-TV and aux-layer fine-tunes)",
         description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
-        "pass, KL training from the identity start, an e2e-TV fine-tune. Every stage is resumable: rerun the "
+        "pass, KL training from the identity start, an e2e-TV fine-tune, then aux target layers and a second e2e-TV "
+        "fine-tune. Every stage is resumable: rerun the "
         "same command after an interruption. Data and caches go to --data (default "
-        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl, OUT-kl-all and OUT-kl-more, the final "
-        "heads to OUT.",
+        "$BEBOP_HOME/data/smollm2-135m-selfdistill); the KL heads to OUT-kl, OUT-kl-all and OUT-kl-more, the "
+        "e2e-TV heads to OUT-e2e-tv, the final heads to OUT.",
     )
     p.add_argument("--out", type=Path, required=True,
-                   help="final heads folder (the KL stages write OUT-kl, OUT-kl-all and OUT-kl-more)")
+                   help="final heads folder (earlier stages write OUT-kl, OUT-kl-all, OUT-kl-more and OUT-e2e-tv)")
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
     p.add_argument("--model", type=Path, default=None, help="target model folder (default: the fetched default)")
     p.add_argument(
         "--stages",
-        default="heldout,train-data,kl,kl-all,kl-more,e2e-tv",
-        help="comma-separated stages to run, in order (default: heldout,train-data,kl,kl-all,kl-more,e2e-tv)",
+        default="heldout,train-data,kl,kl-all,kl-more,e2e-tv,aux-tv",
+        help="comma-separated stages to run, in order (default: heldout,train-data,kl,kl-all,kl-more,e2e-tv,aux-tv)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     return p
@@ -92,7 +101,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     common = [*(["--model", str(args.model)] if args.model else []), *(["--data", str(args.data)] if args.data else [])]
     gen = [*(["--model", str(args.model)] if args.model else []), *(["--out", str(args.data)] if args.data else [])]
-    kl_dir, kl_all_dir, kl_more_dir = (Path(f"{args.out}-{s}") for s in ("kl", "kl-all", "kl-more"))
+    kl_dir, kl_all_dir, kl_more_dir, e2e_dir = (Path(f"{args.out}-{s}") for s in ("kl", "kl-all", "kl-more", "e2e-tv"))
 
     def train(out: Path, init_from: Path | None, recipe: tuple[str, ...]) -> list[str]:
         init = ["--init-from", str(init_from)] if init_from is not None else []
@@ -104,7 +113,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         "kl": train(kl_dir, None, RECIPE.kl),
         "kl-all": train(kl_all_dir, kl_dir, RECIPE.kl_all),
         "kl-more": train(kl_more_dir, kl_all_dir, RECIPE.kl_more),
-        "e2e-tv": train(args.out, kl_more_dir, RECIPE.e2e_tv),
+        "e2e-tv": train(e2e_dir, kl_more_dir, RECIPE.e2e_tv),
+        "aux-tv": train(args.out, e2e_dir, RECIPE.aux_tv),
     }
     wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in plan]
