@@ -425,13 +425,16 @@ class Analyzer:
 
         import torch
 
+        from bebop_vllm.heads.target import aux_streams
+
         todo = [(k, c) for k, c in conts if self._missing(prompt + c, k)]
         if not todo or self.hidden_dir is None:
             return
         ids = self.aux_layer_ids
 
         def states(out: Any) -> tuple[Any, dict[int, Any]]:
-            return out.last_hidden_state[0].float(), {i: out.hidden_states[i][0].float() for i in ids}
+            return out.last_hidden_state[0].float(), {i: s[0].float() for i, s in zip(ids, aux_streams(out, ids),
+                                                                                       strict=True)}
 
         done: dict[str, tuple[Any, dict[int, Any]]] = {}
         with torch.no_grad():

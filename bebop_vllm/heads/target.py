@@ -83,7 +83,15 @@ def target_states(
     out = model.model(input_ids=token_ids, attention_mask=attention_mask, output_hidden_states=bool(aux_layer_ids))
     if not aux_layer_ids:
         return out.last_hidden_state, None
-    return out.last_hidden_state, torch.cat([out.hidden_states[i] for i in aux_layer_ids], dim=-1)
+    return out.last_hidden_state, torch.cat(aux_streams(out, aux_layer_ids), dim=-1)
+
+
+def aux_streams(model_output: Any, aux_layer_ids: tuple[int, ...]) -> list[torch.Tensor]:
+    """The residual streams of ``aux_layer_ids`` (vLLM's numbering, see :func:`target_states`) from
+    a transformers forward run with ``output_hidden_states=True``: id i is ``hidden_states[i]``.
+    The one place that maps the ids to transformers' outputs (also used by the acceptance study,
+    which runs its target with a KV cache)."""
+    return [model_output.hidden_states[i] for i in aux_layer_ids]
 
 
 def head_features(hidden: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
