@@ -19,6 +19,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 PROMPTS = ["What is 17 + 25? Reply with the number only.", "Name three prime numbers.",
            "Write a haiku about gradient descent."]
+DEFAULT_SEED = 1234
+DEFAULT_MAX_TOKENS = 32
+
+
+def sampling_params(seed: int, max_tokens: int):
+    """Two seeded samples per prompt at T = 1 (what every worker with the same seed draws)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=2, temperature=1.0, max_tokens=max_tokens, seed=seed)
 
 
 def main() -> None:
@@ -26,8 +35,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="policy model folder (default: the fetched SmolLM2-135M)")
     p.add_argument("--heads", default=None, help="heads folder (default: the shipped heads)")
     p.add_argument("--policy", default=None, help="new policy weights: a safetensors file or folder")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="sampling seed (same seed, same tokens)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per sample")
     p.add_argument("--out", type=Path, default=None, help="write token ids and fingerprints as JSON")
     p.add_argument("--draft-length", default="auto", choices=["auto", "fixed", "entropy"],
                    help="bebop draft_length (default auto). Seeded requests reproduce across engines only with a "
@@ -37,15 +46,13 @@ def main() -> None:
                    help="engine dtype (default auto: vLLM's choice for the model and host)")
     args = p.parse_args()
 
-    from vllm import SamplingParams
-
     from bebop_vllm.rl import RolloutEngine
 
     engine = RolloutEngine(args.model, heads=args.heads, num_speculative_tokens=3,
                            speculative_options={"draft_length": args.draft_length},
                            max_model_len=512, enforce_eager=True, seed=0, dtype=args.dtype)
     heads_fp = engine.heads_fingerprint()
-    params = SamplingParams(n=2, temperature=1.0, max_tokens=args.max_tokens, seed=args.seed)
+    params = sampling_params(args.seed, args.max_tokens)
     _, before = engine.generate(PROMPTS, params)
     print(f"policy v0: {before.tokens_per_s:.1f} tok/s, acceptance per position "
           f"{[round(a, 3) for a in before.acceptance_per_position]}, "

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine_subprocess import run_engine_script
+from engine_subprocess import exit_after_result, run_engine_script
 
 pytestmark = pytest.mark.slow  # starts a vLLM engine (subprocess)
 
@@ -113,3 +113,4 @@ def test_kv_only_pass_writes_the_full_pass_cache(tmp_path):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+    exit_after_result()

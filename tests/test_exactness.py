@@ -1,8 +1,10 @@
 """Exactness of the "bebop" method on CPU with the default model: speculation must not change outputs.
 
-Two engine configurations, each run once in its own subprocess (vLLM tolerates one engine per
-process best): ``plain`` (no speculation) and ``bebop`` (heads draft probabilistically, our
-verifier). Every request of the module goes through those two engine starts.
+Four engine configurations, each started once, in two child processes (``PROCESS_GROUPS``: the
+engines of a group one after the other, each shut down before the next starts): ``plain`` (no
+speculation) and ``bebop`` (heads draft probabilistically, our verifier, k drafts every step) get
+every request below; ``bebop_auto`` and ``bebop_entropy_vocab`` (the draft-length policies and a
+draft vocabulary) get the greedy prompts and the T = 1 case.
 
 - T = 0: token ids identical to non-speculative decoding (also with stop strings, logprobs,
   max_tokens=1 and greedy requests mixed into a random batch).
@@ -20,15 +22,16 @@ verifier). Every request of the module goes through those two engine starts.
   engine must fail it. With vLLM's CPU temperature bug re-introduced
   (``BEBOP_DISABLE_PATCHES=cpu_expand_fix``) the bebop-vs-plain test fails.
 - Seeded requests are reproducible inside a mixed batch; n > 1 returns n completions.
-- ``bebop_entropy`` (a third engine, ``draft_length="entropy"``): per-request draft lengths
-  vary with the entropy, and T = 0 / T = 1 outputs are still those of plain decoding.
 - ``bebop_auto`` (the default config: ``draft_length="auto"``): per request and step 0..k drafts
   from the step-cost model; greedy outputs (alone and in a crowd of 64, where drafting mostly
   stops) are those of plain decoding, and the T = 1 distribution (sampled 4 requests at a time,
   so that the policy drafts) is unchanged.
-- ``bebop_vocab`` (a fifth engine, ``draft_vocab_size``): the heads draft among a small
-  vocabulary (the ~100 tokens of a short text, so most of the target's mass lies outside it);
-  T = 0 / T = 1 outputs are still those of plain decoding.
+- ``bebop_entropy_vocab`` (a fourth engine, the two other non-default options together):
+  ``draft_length="entropy"`` with a steep fit, so that per-request draft lengths vary with the
+  entropy, and ``draft_vocab_size``: the heads draft among a small vocabulary (the ~100 tokens of
+  a short text, so most of the target's mass lies outside it). T = 0 / T = 1 outputs are still
+  those of plain decoding, the draft length varies per step, and drafts are still accepted. (One
+  engine for both: each engine start costs ~20 s plus its distribution sample ~30 s.)
 
 Heads: ``$BEBOP_TEST_HEADS`` if set, else the shipped heads if present, else random heads.
 """
@@ -43,7 +46,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from engine_subprocess import run_engine_script
+from engine_subprocess import exit_after_result, run_engine_script
 from heads_under_test import heads_under_test
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
@@ -129,7 +132,7 @@ def _write_test_draft_vocab(heads: str, out: Path) -> tuple[str, int]:
 
 
 def _dist_cases(engine: str) -> dict[str, dict]:
-    if engine in ("bebop_entropy", "bebop_vocab", "bebop_auto"):
+    if engine in ("bebop_entropy_vocab", "bebop_auto"):
         return {"t1": {"temperature": 1.0}}
     cases = {
         "t1": {"temperature": 1.0},
@@ -149,17 +152,15 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     from vllm import LLM, SamplingParams
 
     spec = None
-    if engine in ("bebop", "bebop_entropy", "bebop_vocab", "bebop_auto"):
+    if engine in ("bebop", "bebop_entropy_vocab", "bebop_auto"):
         spec = {"method": "bebop", "model": heads, "num_speculative_tokens": NUM_SPEC}
-    if engine in ("bebop", "bebop_vocab"):
+    if engine == "bebop":
         spec.update(draft_length="fixed")  # every step verifies k drafts: the verifier's own tests
     if engine == "bebop_auto":
         spec.update(metrics="detailed")  # the default draft_length ("auto"); per-step draft counts
-    if engine == "bebop_entropy":
+    if engine == "bebop_entropy_vocab":
         spec.update(ENTROPY_POLICY)
-    if engine == "bebop_vocab":
-        spec.update(draft_vocab_size=len(json.loads((Path(heads) / "draft_vocab.json").read_text())["ids"]),
-                    metrics="detailed")
+        spec.update(draft_vocab_size=len(json.loads((Path(heads) / "draft_vocab.json").read_text())["ids"]))
     # float32 on every engine: T = 0 comparisons need the argmax to be the same function of the
     # context whatever the forward's shape (verify steps batch k + 1 tokens per request, and the
     # auto policy varies k); in bf16 a near-tie flipped between a 1-token and a 4-token forward
@@ -197,7 +198,7 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
     cases = _dist_cases(engine)
     if only:
         cases = {k: v for k, v in cases.items() if k in only.split(",")}
-    elif engine in ("bebop_entropy", "bebop_vocab"):
+    elif engine == "bebop_entropy_vocab":
         run([r for r in _requests() if r["id"].startswith("greedy")])
         lap("requests")
     elif engine == "bebop_auto":
@@ -227,6 +228,7 @@ def _worker(engine: str, heads: str, out_path: str, only: str = "") -> None:
         lap(f"dist_{name}")
     result["runner_after"] = llm.collective_rpc(_runner_info)[0]
     Path(out_path).write_text(json.dumps(result))
+    llm.llm_engine.engine_core.shutdown()  # the next engine of a group starts in this process
 
 
 def _runner_info(worker) -> dict:
@@ -255,12 +257,19 @@ def _heads_dir(tmp: Path) -> str:
     return heads_under_test(tmp, NUM_SPEC)
 
 
-def _run_engine(engine: str, heads: str, tmp: Path) -> dict:
-    out = tmp / f"{engine}.json"
-    return run_engine_script(__file__, [engine, heads, str(out)], out, timeout=1500, label=f"{engine} engine")
+def _run_engines(engines: dict[str, str], tmp: Path) -> dict[str, dict]:
+    """Engines (name -> heads) one after the other in one child process; their results by name."""
+    pairs = [f"{engine}={heads}" for engine, heads in engines.items()]
+    last = tmp / f"{list(engines)[-1]}.json"
+    run_engine_script(__file__, ["--group", str(tmp), *pairs], last, timeout=2400,
+                      label=f"{'+'.join(engines)} engines")
+    return {engine: json.loads((tmp / f"{engine}.json").read_text()) for engine in engines}
 
 
-ALL_ENGINES = ("plain", "bebop", "bebop_entropy", "bebop_auto", "bebop_vocab")
+ALL_ENGINES = ("plain", "bebop", "bebop_auto", "bebop_entropy_vocab")
+# Engines that share a child process, one after the other: a process start (interpreter, torch and
+# vLLM imports) and its exit cost ~20 s each on 2 cores, an engine start in a warm process a few.
+PROCESS_GROUPS = (("plain", "bebop"), ("bebop_auto", "bebop_entropy_vocab"))
 # A subset (e.g. "plain,bebop,bebop_auto" in scripts/gpu_check.sh): tests of the others skip.
 ENGINES = tuple(os.environ.get("BEBOP_EXACTNESS_ENGINES", ",".join(ALL_ENGINES)).split(","))
 
@@ -276,10 +285,13 @@ def results(tmp_path_factory) -> dict[str, dict]:
         pytest.fail(f"default model missing at {_model_dir()}: run `bebop fetch-model` first")
     tmp = tmp_path_factory.mktemp("exactness")
     heads = _heads_dir(tmp)
-    out = _Results({name: _run_engine(name, heads, tmp) for name in ENGINES if name != "bebop_vocab"})
-    if "bebop_vocab" in ENGINES:
-        vocab_heads, _ = _write_test_draft_vocab(heads, tmp / "vocab-heads")
-        out["bebop_vocab"] = _run_engine("bebop_vocab", vocab_heads, tmp)
+    heads_of = {name: heads for name in ENGINES}
+    if "bebop_entropy_vocab" in ENGINES:
+        heads_of["bebop_entropy_vocab"], _ = _write_test_draft_vocab(heads, tmp / "vocab-heads")
+    out = _Results()
+    for group in PROCESS_GROUPS:
+        if engines := {name: heads_of[name] for name in group if name in ENGINES}:
+            out.update(_run_engines(engines, tmp))
     return out
 
 
@@ -423,14 +435,14 @@ def _assert_same_verifier_distribution(plain: list[list[int]], other: list[list[
 
 @pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
 def test_entropy_draft_length_keeps_greedy_outputs(results, key):
-    assert _ids(results["bebop_entropy"], key) == _ids(results["plain"], key)
+    assert _ids(results["bebop_entropy_vocab"], key) == _ids(results["plain"], key)
 
 
 def test_entropy_draft_length_varies_per_step(results):
     """The policy really chose different draft counts: some steps drafted all 3, some fewer."""
     # a request whose every step chose 0 drafts has no verify step, hence no per-step record
     per_step = [d for i in range(len(GREEDY_PROMPTS))
-                for d in (results["bebop_entropy"][f"greedy{i}"][0]["spec"] or {}).get("per_step_drafted", [])]
+                for d in (results["bebop_entropy_vocab"][f"greedy{i}"][0]["spec"] or {}).get("per_step_drafted", [])]
     assert per_step and max(per_step) == NUM_SPEC and min(per_step) < NUM_SPEC, per_step
     full = [d for i in range(len(GREEDY_PROMPTS))
             for d in (results["bebop"][f"greedy{i}"][0]["spec"] or {}).get("per_step_drafted", [])]
@@ -438,7 +450,7 @@ def test_entropy_draft_length_varies_per_step(results):
 
 
 def test_entropy_draft_length_keeps_sampling_distribution(results):
-    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_entropy"]["dist_t1"])
+    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_entropy_vocab"]["dist_t1"])
 
 
 @pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
@@ -473,16 +485,16 @@ def test_auto_draft_length_keeps_sampling_distribution(results):
 
 @pytest.mark.parametrize("key", [f"greedy{i}" for i in range(len(GREEDY_PROMPTS))])
 def test_draft_vocab_keeps_greedy_outputs(results, key):
-    assert _ids(results["bebop_vocab"], key) == _ids(results["plain"], key)
+    assert _ids(results["bebop_entropy_vocab"], key) == _ids(results["plain"], key)
 
 
 def test_draft_vocab_keeps_sampling_distribution(results):
     """Drafts restricted to ~100 tokens (q = 0 elsewhere): rejection sampling stays exact."""
-    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_vocab"]["dist_t1"])
+    _assert_same_verifier_distribution(results["plain"]["dist_t1"], results["bebop_entropy_vocab"]["dist_t1"])
 
 
 def test_draft_vocab_still_drafts_and_accepts(results):
-    outs = [results["bebop_vocab"][f"greedy{i}"][0] for i in range(len(GREEDY_PROMPTS))]
+    outs = [results["bebop_entropy_vocab"][f"greedy{i}"][0] for i in range(len(GREEDY_PROMPTS))]
     # a request that ends after its first token (EOS) never reaches a verify step
     longer = [o["spec"] for o in outs if len(o["token_ids"]) > 1]
     assert longer and all(s["num_draft_tokens"] > 0 for s in longer), [o["spec"] for o in outs]
@@ -490,4 +502,12 @@ def test_draft_vocab_still_drafts_and_accepts(results):
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:5])
+    # python tests/test_exactness.py ENGINE HEADS OUT [ONLY]     one engine (diagnostics, see _worker)
+    # python tests/test_exactness.py --group DIR ENGINE=HEADS...  engines in turn, DIR/ENGINE.json each
+    if sys.argv[1] == "--group":
+        for pair in sys.argv[3:]:
+            engine, heads = pair.split("=", 1)
+            _worker(engine, heads, str(Path(sys.argv[2]) / f"{engine}.json"))
+    else:
+        _worker(*sys.argv[1:5])
+    exit_after_result()

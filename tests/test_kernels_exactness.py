@@ -176,10 +176,10 @@ def _sparse_distribution(vocab: int, support: list[int], floor_mass: float, gen)
 
 
 # Large vocabularies: every sample costs a full pass over V, so 40,000 samples at V = 151,936
-# (6e9 element-passes) do not fit the 2-core CI budget. V = 1031 (two blocks, partial last
-# block) runs with full 2%-TV power; V = 49,152 and 151,936 run in CI with n = 7,000, which
-# still detects TV >= 4% with power 0.99 (dof <= 6, ALPHA 1e-3), and with full 2%-TV power
-# under ``-m slow``.
+# (6e9 element-passes, ~1 min on 2 cores) do not fit the 2-core CI budget. V = 1031 (two blocks,
+# partial last block) runs with full 2%-TV power; V = 49,152 and 151,936 run in CI with n = 7,000,
+# which still detects TV >= 4% with power 0.99 (dof <= 6, ALPHA 1e-3), and with full 2%-TV power
+# under ``pytest -m full_power`` (deselected otherwise, tests/conftest.py).
 LARGE_VOCAB_CI_SAMPLES = 7_000
 
 
@@ -189,8 +189,8 @@ LARGE_VOCAB_CI_SAMPLES = 7_000
         (1031, N_SAMPLES),
         (49_152, LARGE_VOCAB_CI_SAMPLES),
         (151_936, LARGE_VOCAB_CI_SAMPLES),
-        pytest.param(49_152, N_SAMPLES, marks=pytest.mark.slow),
-        pytest.param(151_936, N_SAMPLES, marks=pytest.mark.slow),
+        pytest.param(49_152, N_SAMPLES, marks=[pytest.mark.slow, pytest.mark.full_power]),
+        pytest.param(151_936, N_SAMPLES, marks=[pytest.mark.slow, pytest.mark.full_power]),
     ],
 )
 def test_large_and_unaligned_vocabularies(vocab: int, n: int) -> None:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_subprocess import run_engine_script
+from engine_subprocess import exit_after_result, run_engine_script
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 
@@ -215,3 +215,4 @@ def test_draft_distributions_match_reference(parity):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2], sys.argv[3])
+    exit_after_result()

@@ -19,7 +19,7 @@ from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
-from engine_subprocess import run_engine_script
+from engine_subprocess import exit_after_result, run_engine_script
 
 pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 
@@ -111,3 +111,4 @@ def test_plain_engine_outputs_identical(runs):
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+    exit_after_result()

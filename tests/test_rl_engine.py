@@ -9,9 +9,15 @@
   engine keeps serving the policy it had.
 * sleep: on CPU a clear error; on an accelerator, sleep/wake (levels 1 and 2) keeps the heads and the
   acceptance on the same requests.
-* scale-out: two rollout workers (examples/rl_rollout_worker.py) in separate processes receive the
-  same policy update and sample identical tokens.
+* scale-out: two rollout workers in separate processes (examples/rl_rollout_worker.py and the
+  ``full`` policy engine running the example's requests) receive the same policy update and sample
+  identical tokens.
 * benchmarks/rl_stability.py --quick runs end to end.
+
+Process layout (the module's cost is engine starts): the engine core runs inside each test process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as in TRL's colocated mode) except for the ``full`` policy
+engine, which keeps vLLM's default engine-core process, so that updates crossing that process
+boundary stay tested. The three reference engines share one process, one after the other.
 """
 
 from __future__ import annotations
@@ -39,10 +45,16 @@ ENGINE = dict(max_model_len=512, enforce_eager=True, seed=0, max_num_seqs=16, dt
 pytestmark = pytest.mark.slow
 
 
-def _env() -> dict[str, str]:
+def _env(engine_core_process: bool = False) -> dict[str, str]:
+    """The child's environment; ``engine_core_process``: vLLM's default separate engine-core process
+    (each one costs a second interpreter start and import of vLLM), else the engine core in the child."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if engine_core_process:
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    else:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
@@ -129,6 +141,12 @@ def _main_policy(heads: str, other: str, vocab: int, out: str) -> None:
     res["update_seconds"], res["update_load_seconds"] = upd.seconds, upd.load_seconds
     outs, stats = eng.generate(PROMPTS, greedy)
     res["ids_other_path"], res["acc_other_path"] = _ids(outs), _accepted(outs)
+    if not vocab:  # the rollout example's own requests after the same update (test_two_workers_...)
+        example = _rollout_example()
+        params = example.sampling_params(example.DEFAULT_SEED, example.DEFAULT_MAX_TOKENS)
+        outs = eng.generate(example.PROMPTS, params)[0]
+        res["example_token_ids"] = [[list(c.token_ids) for c in o.outputs] for o in outs]
+        res["example_policy_fingerprint"] = eng.policy_fingerprint()
     res["fp_after_path"] = eng.heads_fingerprint()
     res["weight_versions"] = str(getattr(outs[0].outputs[0], "weight_versions", None))
     res["stats_version"] = stats.policy_version
@@ -167,21 +185,40 @@ def _main_policy(heads: str, other: str, vocab: int, out: str) -> None:
     Path(out).write_text(json.dumps(res))
 
 
-def _reference(heads: str | None, other: str, vocab: int, out: str) -> None:
-    """An engine built directly from the other checkpoint: plain (heads None) or bebop."""
+def _rollout_example():
+    """examples/rl_rollout_worker.py as a module (its prompts and sampling parameters)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rl_rollout_worker", REPO / "examples" / "rl_rollout_worker.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _references(vocab_heads: str, other: str, vocab: int, out: str) -> None:
+    """Engines built directly from a checkpoint, one after the other in this process: plain from the
+    other checkpoint, plain from the default model, bebop (draft vocabulary) from the other one."""
     from vllm import SamplingParams
 
+    from bebop_vllm.paths import default_model_dir
     from bebop_vllm.rl import RolloutEngine
 
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    if heads is None:
-        eng = RolloutEngine(other, num_speculative_tokens=0, **ENGINE)
-    else:
-        opts = {"draft_length": "fixed", **({"draft_vocab_size": vocab} if vocab else {})}
-        eng = RolloutEngine(other, heads=heads, num_speculative_tokens=NUM_SPEC, speculative_options=opts, **ENGINE)
-    outs = eng.generate(PROMPTS, greedy)[0]
-    Path(out).write_text(json.dumps({"ids": _ids(outs), "acc": _accepted(outs)}))
-    eng.close()
+    opts = {"draft_length": "fixed", "draft_vocab_size": vocab}
+    builds = {
+        "plain_other": lambda: RolloutEngine(other, num_speculative_tokens=0, **ENGINE),
+        "plain_orig": lambda: RolloutEngine(default_model_dir(), num_speculative_tokens=0, **ENGINE),
+        "bebop_other_vocab": lambda: RolloutEngine(other, heads=vocab_heads, num_speculative_tokens=NUM_SPEC,
+                                                   speculative_options=opts, **ENGINE),
+    }
+    res = {}
+    for key, build in builds.items():
+        eng = build()
+        outs = eng.generate(PROMPTS, greedy)[0]
+        res[key] = {"ids": _ids(outs), "acc": _accepted(outs)}
+        eng.close()
+        del eng
+    Path(out).write_text(json.dumps(res))
 
 
 def _sleep_wake(heads: str, out: str) -> None:
@@ -206,9 +243,9 @@ def _sleep_wake(heads: str, out: str) -> None:
     Path(out).write_text(json.dumps(res))
 
 
-def _run(*args: str, timeout: int = 900) -> None:
-    proc = subprocess.run([sys.executable, __file__, *args], env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def _run(*args: str, timeout: int = 900, engine_core_process: bool = False) -> None:
+    proc = subprocess.run([sys.executable, __file__, *args], env=_env(engine_core_process), capture_output=True,
+                          text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
@@ -225,20 +262,15 @@ def setup(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def results(setup) -> dict:
-    from bebop_vllm.paths import default_model_dir
 
     tmp, res = setup["tmp"], {}
-    jobs = {
-        "full": ("main", setup["heads"], setup["other"], "0"),
-        "vocab": ("main", setup["vocab_heads"], setup["other"], str(setup["vocab"])),
-        "plain_other": ("reference", "-", setup["other"], "0"),
-        "plain_orig": ("reference", "-", str(default_model_dir()), "0"),
-        "bebop_other_vocab": ("reference", setup["vocab_heads"], setup["other"], str(setup["vocab"])),
-    }
-    for key, (kind, *args) in jobs.items():
+    for key, heads, vocab in (("full", setup["heads"], 0), ("vocab", setup["vocab_heads"], setup["vocab"])):
         out = tmp / f"{key}.json"
-        _run(kind, *args, str(out))
+        _run("main", heads, setup["other"], str(vocab), str(out), engine_core_process=key == "full")
         res[key] = json.loads(out.read_text())
+    out = tmp / "references.json"
+    _run("references", setup["vocab_heads"], setup["other"], str(setup["vocab"]), str(out))
+    res.update(json.loads(out.read_text()))
     return res
 
 
@@ -295,20 +327,22 @@ def test_sleep_wake_keeps_heads(setup):
     assert any(sum(a) > 0 for a in r["acc0"]), "heads accept nothing: a zeroed drafter would look like this"
 
 
-def test_two_workers_same_update_sample_identically(setup):
-    """Two rollout workers in separate processes (the example script), same policy update and seed."""
-    outs = [setup["tmp"] / f"worker{i}.json" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(REPO / "examples" / "rl_rollout_worker.py"), "--heads",
-                               setup["heads"], "--policy", setup["other"], "--out", str(o),
-                               "--draft-length", "fixed", "--dtype", "float32"], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for o in outs]
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, stderr[-4000:]
-    a, b = (json.loads(o.read_text()) for o in outs)
-    assert a["token_ids"] == b["token_ids"]
-    assert a["policy_fingerprint"] == b["policy_fingerprint"]
-    assert a["heads_fingerprint"] == b["heads_fingerprint"]
+def test_two_workers_same_update_sample_identically(setup, results):
+    """Two rollout workers in separate processes, same policy update and seed: the example script
+    (examples/rl_rollout_worker.py, engine core in its process) and the ``full`` policy engine of
+    ``results`` (another process, vLLM's separate engine-core process), which ran the example's
+    requests after the same update."""
+    out = setup["tmp"] / "worker.json"
+    p = subprocess.run([sys.executable, str(REPO / "examples" / "rl_rollout_worker.py"), "--heads",
+                        setup["heads"], "--policy", setup["other"], "--out", str(out),
+                        "--draft-length", "fixed", "--dtype", "float32"], env=_env(),
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    worker, full = json.loads(out.read_text()), results["full"]
+    assert worker["token_ids"] == full["example_token_ids"]
+    assert worker["policy_fingerprint"] == full["example_policy_fingerprint"]
+    assert worker["heads_fingerprint"] == full["fp0"]
+    assert len({tuple(ids) for o in worker["token_ids"] for ids in o}) > 1  # sampled, not a constant
 
 
 def test_rl_stability_quick(tmp_path):
@@ -326,8 +360,12 @@ if __name__ == "__main__":
     if kind == "main":
         heads, other, vocab, out = rest
         _main_policy(heads, other, int(vocab), out)
-    elif kind == "reference":
+    elif kind == "references":
         heads, other, vocab, out = rest
-        _reference(None if heads == "-" else heads, other, int(vocab), out)
+        _references(heads, other, int(vocab), out)
     elif kind == "sleep":
         _sleep_wake(*rest)
+
+    from engine_subprocess import exit_after_result
+
+    exit_after_result()

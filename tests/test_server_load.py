@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_subprocess import engine_env, exit_after_result
 from heads_under_test import heads_under_test
 
 REPO = Path(__file__).resolve().parent.parent
@@ -340,7 +341,7 @@ def _llm_view_main(heads: str, out: str) -> None:
 def test_llm_openai_and_prometheus_agree_on_the_same_requests(server, load_run, tmp_path):
     base = server["base"]
     out = tmp_path / "llm_view.json"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    env = engine_env()  # the engine core in the child process: one interpreter start fewer
     llm_proc = subprocess.Popen([sys.executable, __file__, server["heads"], str(out)], env=env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # the server side, meanwhile (load_run is a dependency so its Prometheus deltas stay its own)
@@ -372,3 +373,4 @@ def test_llm_openai_and_prometheus_agree_on_the_same_requests(server, load_run, 
 
 if __name__ == "__main__":
     _llm_view_main(sys.argv[1], sys.argv[2])
+    exit_after_result()
