@@ -17,7 +17,7 @@ module checks it end to end on engines:
   (``EngineArgs(async_scheduling=True).create_engine_config()``); the asynchronous engines start
   only where it would, and report the mode they ran.
 
-Each engine runs in its own subprocess (as in tests/test_exactness.py). Heads: as every engine
+Each engine runs in its own subprocess (tests/engine_subprocess.py). Heads: as every engine
 test (tests/heads_under_test.py).
 """
 
