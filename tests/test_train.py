@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,48 @@ def test_dataset_round_trip(setup: tuple[Path, Path]) -> None:
     assert s.num_completion_tokens == 24 * 24
     with pytest.raises(BebopError, match="no heldout data|unknown split"):
         load_split(setup[1], "test")
+
+
+def test_interrupted_split_save_keeps_the_old_split_and_a_torn_one_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """generate-data rewrites a split after every chunk: a save killed halfway must not leave a mix
+    of old and new arrays that loads (old bebop wrote the files in place, one after the other)."""
+    old = SequenceSet.from_lists([[1, 2, 3], [4, 5]], [1, 1], [1.0, 0.7], {"n": 2})
+    new = SequenceSet.from_lists([[1, 2, 3], [4, 5], [6, 7, 8, 9]], [1, 1, 2], [1.0, 0.7, 1.0], {"n": 3})
+    folder = tmp_path / "train"
+    old.save(folder)
+
+    def killed_after(n: int, real):  # the process dies at the (n + 1)-th call
+        calls = []
+
+        def wrapper(*args, **kwargs):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real(*args, **kwargs)
+        return wrapper
+
+    # killed while writing (all but the renames): the old split is intact
+    monkeypatch.setattr(np, "save", killed_after(2, np.save))
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.undo()
+    s = load_split(tmp_path, "train")
+    assert len(s) == 2 and s.sequence(1).tolist() == [4, 5] and s.meta == {"n": 2}
+    # killed between the renames (microseconds in practice): the mix is refused, with a clear message
+    monkeypatch.setattr(os, "replace", killed_after(2, os.replace))
+    with pytest.raises(KeyboardInterrupt):
+        new.save(folder)
+    monkeypatch.undo()
+    with pytest.raises(BebopError, match="inconsistent.*offsets"):
+        load_split(tmp_path, "train")
+    # the next complete save (the resumed run) repairs it and leaves no temporary file
+    new.save(folder)
+    s = load_split(tmp_path, "train")
+    assert len(s) == 3 and s.sequence(2).tolist() == [6, 7, 8, 9] and not list(folder.glob("*.tmp"))
+    # offsets that overrun the tokens are refused too
+    np.save(folder / "offsets.npy", np.array([0, 3, 5, 99], dtype=np.int64))
+    with pytest.raises(BebopError, match="inconsistent: offsets run"):
+        load_split(tmp_path, "train")
 
 
 @pytest.mark.parametrize("loss", ["e2e-tv"])

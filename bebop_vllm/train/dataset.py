@@ -10,6 +10,7 @@ by the trainer (``hidden-<model fingerprint>.npy``, fp16), never committed.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,37 @@ class SequenceSet:
         return int(self.prompt_lens.sum())
 
     def save(self, folder: Path) -> None:
+        """Write the split; every file goes to a temporary name first and is renamed into place
+        once all are written, so a save interrupted while writing (``bebop generate-data``
+        rewrites the split after every chunk) leaves the previous split intact. One stopped within
+        the final renames (microseconds) can leave a mix of old and new arrays, which
+        :func:`load_split` refuses (:meth:`check`)."""
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "tokens.npy", self.tokens.astype(np.int32))
-        np.save(folder / "offsets.npy", self.offsets.astype(np.int64))
-        np.save(folder / "prompt_lens.npy", self.prompt_lens.astype(np.int32))
-        np.save(folder / "temperatures.npy", self.temperatures.astype(np.float32))
-        (folder / "meta.json").write_text(json.dumps(self.meta, indent=1) + "\n")
+        arrays = {"tokens.npy": self.tokens.astype(np.int32), "offsets.npy": self.offsets.astype(np.int64),
+                  "prompt_lens.npy": self.prompt_lens.astype(np.int32),
+                  "temperatures.npy": self.temperatures.astype(np.float32)}
+        for name, array in arrays.items():
+            with open(folder / f"{name}.tmp", "wb") as f:
+                np.save(f, array)
+        (folder / "meta.json.tmp").write_text(json.dumps(self.meta, indent=1) + "\n")
+        for name in [*arrays, "meta.json"]:
+            os.replace(folder / f"{name}.tmp", folder / name)
+
+    def check(self, where: str | Path) -> None:
+        """Raise BebopError unless the arrays describe the same sequences (``where``: for the message)."""
+        n = len(self.prompt_lens)
+        problems = []
+        if len(self.offsets) != n + 1 or len(self.temperatures) != n:
+            problems.append(f"{len(self.offsets)} offsets and {len(self.temperatures)} temperatures for {n} "
+                            f"prompt lengths (expected {n + 1} and {n})")
+        elif self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens) or (np.diff(self.offsets) < 0).any():
+            problems.append(f"offsets run from {self.offsets[0]} to {self.offsets[-1]} over {len(self.tokens)} "
+                            "tokens (expected 0 to the token count, non-decreasing)")
+        elif (np.diff(self.offsets) < self.prompt_lens).any():
+            problems.append("a sequence is shorter than its prompt")
+        if problems:
+            raise BebopError(f"the split at {where} is inconsistent: {problems[0]}. It was probably written "
+                             "by an interrupted save of an older bebop; regenerate it with `bebop generate-data`.")
 
     @classmethod
     def from_lists(
@@ -81,10 +107,12 @@ def load_split(data_dir: str | Path, split: str) -> SequenceSet:
             f"no {split} data in {data_dir} (missing {folder / 'tokens.npy'}); run `bebop generate-data` first"
         )
     meta = json.loads((folder / "meta.json").read_text())
-    return SequenceSet(
+    seqs = SequenceSet(
         tokens=np.load(folder / "tokens.npy"),
         offsets=np.load(folder / "offsets.npy"),
         prompt_lens=np.load(folder / "prompt_lens.npy"),
         temperatures=np.load(folder / "temperatures.npy"),
         meta=meta,
     )
+    seqs.check(folder)
+    return seqs
