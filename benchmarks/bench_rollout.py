@@ -279,15 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=256, help="engine max_num_seqs (default 256)")
     ap.add_argument("--cuda-graphs", action="store_true", help="do not pass enforce_eager (GPU runs)")
     ap.add_argument("--block-size", type=int, default=None,
-                    help="KV cache block size of every engine (default: vLLM's; 128 on CPU). An EAGLE-style engine "
-                         "reuses a cached prompt one block short, so smaller blocks keep more of the samples' sharing")
+                    help="KV cache block size of every engine (default: the engine's own; on CPU 128 for plain "
+                         "decoding, 32 for bebop engines). An EAGLE-style engine reuses a cached prompt one block "
+                         "short, so smaller blocks keep more of the samples' sharing")
     ap.add_argument("--no-prefix-caching", action="store_true",
                     help="every engine without prefix caching: the rollout's samples of one prompt then share "
                          "nothing (vLLM's EAGLE-style engines reuse a cached prompt one KV block short, so "
                          "this separates that from the speculation itself)")
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help=f"sweep engines (default {','.join(ENGINES)}); ENGINE:bN runs ENGINE with N-token KV blocks "
-                         "(e.g. bebop-auto:b32), to compare block sizes in one run")
+                         "(e.g. bebop-auto:b128), to compare block sizes in one run")
     ap.add_argument("--domains", default="math,code,agentic", help="held-out prompt domains, mixed round-robin")
     ap.add_argument("--concurrency", default=DEFAULT_CONCURRENCY,
                     help=f"sweep concurrencies (default {DEFAULT_CONCURRENCY})")

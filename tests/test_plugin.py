@@ -239,6 +239,23 @@ def test_non_bebop_configs_untouched(registered):
     assert cfg.speculative_config is None and "bebop" not in (cfg.additional_config or {})
 
 
+def test_cpu_bebop_engines_default_to_32_token_kv_blocks(registered, heads):
+    """On CPU a bebop engine gets 32-token KV blocks unless the user chose a size; plain keeps vLLM's 128."""
+    from vllm.platforms import current_platform
+
+    from bebop_vllm.plugin.patches.cpu_block_size import BEBOP_CPU_BLOCK_SIZE, VLLM_CPU_DEFAULT_BLOCK_SIZE
+
+    if not current_platform.is_cpu():
+        pytest.skip("the cpu_block_size patch applies on CPU hosts only")
+    spec = {"method": "bebop", "model": str(heads)}
+    assert _engine_config(None)[1].cache_config.block_size == VLLM_CPU_DEFAULT_BLOCK_SIZE == 128
+    assert _engine_config(spec)[1].cache_config.block_size == BEBOP_CPU_BLOCK_SIZE == 32
+    assert _engine_config({"method": "eagle", "model": str(heads), "num_speculative_tokens": 2}
+                          )[1].cache_config.block_size == 128  # vLLM's own EAGLE: untouched
+    for chosen in (128, 64):
+        assert _engine_config(spec, block_size=chosen)[1].cache_config.block_size == chosen
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -45,6 +45,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "runner_v2_guard": ("vllm.config.vllm:VllmConfig._get_v2_model_runner_unsupported_features",),
     # the replaced function and the CPU kernel whose bug it works around
     "cpu_expand_fix": (f"{_RS}:expand_batch_to_tokens", "vllm.utils.cpu_triton_utils:_expand_kernel_impl"),
+    # wrapped: vLLM's CPU config step, which picks the default KV block size
+    "cpu_block_size": ("vllm.platforms.cpu:CpuPlatform.check_and_update_config",),
     "draft_sampling": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._sample_from_logits",
                        "vllm.v1.spec_decode.llm_base_proposer:compute_probs_and_sample_next_token"),
     # the wrapped proposer entry point, and the layer code BebopHeadModel.write_kv_cache copies
@@ -110,7 +112,9 @@ RELEASE_NOTES: dict[str, str] = {
         "CUDA wheel only (needs torch 2.14); checked at import level, not engine-tested. "
         "RejectionSampler gains FLy, a lossy entropy-gated acceptance mode "
         "(rejection_sample_method='fly'): method 'bebop' refuses it (it is exact rejection sampling); "
-        "cli_env_setup moved to vllm/entrypoints/common/startup.py (bebop serve imports either)."
+        "cli_env_setup moved to vllm/entrypoints/common/startup.py (bebop serve imports either); "
+        "CpuPlatform.check_and_update_config no longer sets the 128-token CPU block default, so "
+        "cpu_block_size (CPU hosts only, which run 0.32) changes nothing there."
     ),
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bebop_vllm.plugin.patches import (
     aux_features,
+    cpu_block_size,
     cpu_expand_fix,
     draft_kv_only,
     draft_length,
@@ -29,6 +30,7 @@ PATCHES: list[Patch] = [
     speculative_config.PATCH,  # method "bebop" -> eagle + options in additional_config
     runner_v2_guard.PATCH,  # bebop engines run on the V1 model runner (GPU)
     cpu_expand_fix.PATCH,  # CPU: per-token temperature/top-k/top-p were uninitialised memory
+    cpu_block_size.PATCH,  # CPU: 32-token KV blocks (prefix-cache hits are reused one block short)
     draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
     draft_kv_only.PATCH,  # a K = 0 proposer pass only writes the heads' KV cache
     aux_features.PATCH,  # heads with aux layers: combine the captured target states (after draft_kv_only)
