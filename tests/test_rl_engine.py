@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from engine_subprocess import engine_env
 from heads_under_test import heads_under_test
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,16 +47,15 @@ pytestmark = pytest.mark.slow
 
 
 def _env(engine_core_process: bool = False) -> dict[str, str]:
-    """The child's environment; ``engine_core_process``: vLLM's default separate engine-core process
-    (each one costs a second interpreter start and import of vLLM), else the engine core in the child."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if engine_core_process:
-        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    else:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return env
+    """The child's environment (:func:`engine_subprocess.engine_env`), with the repository and tests/
+    importable and the caller's KV cache size kept; ``engine_core_process``: vLLM's default separate
+    engine-core process (each one costs a second interpreter start and import of vLLM), else the
+    engine core in the child."""
+    return engine_env({
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": None if engine_core_process else "0",
+    })
 
 
 def make_other_checkpoint(out: Path, seed: int = 7, scale: float = 0.05) -> Path:
@@ -262,7 +262,6 @@ def setup(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def results(setup) -> dict:
-
     tmp, res = setup["tmp"], {}
     for key, heads, vocab in (("full", setup["heads"], 0), ("vocab", setup["vocab_heads"], setup["vocab"])):
         out = tmp / f"{key}.json"
