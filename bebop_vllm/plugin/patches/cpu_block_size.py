@@ -12,7 +12,7 @@ recompute the whole prompt where a plain engine computes it once. 32 is the smal
 attention backend supports (``CPUAttentionBackend.get_supported_kernel_block_sizes``: multiples of
 32), so a bebop engine then loses at most 32 tokens of each hit. Measured on 2 AVX2 cores
 (benchmarks/results/rollout_v6_cpu_block.md): an RL-shaped rollout (32 prompts x 4 samples) took
-146.5 s with 128-token blocks against 119.7 s with 32 (plain decoding: 121.8 s), and decode
+147.3 / 150.0 s with 128-token blocks against 115.0 / 121.4 s with 32 (plain: 121.8 / 123.8 s), and decode
 speed at 1 and 16 requests in flight was the same or slightly higher with 32.
 
 Effect on engines that are not bebop: none (the wrapper returns after vLLM's own code unless the
