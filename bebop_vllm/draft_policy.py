@@ -184,6 +184,14 @@ class StepTimeCorrection:
     else 1 (trust the calibrated model). Each step's observation is clipped to
     [1/``max_ratio``, ``max_ratio``] times its prediction (``max_extra_ratio`` for the extra
     part) so one stalled step (a page fault, another process) cannot switch drafting off.
+
+    A kind the plan stopped choosing is never observed again on its own, so a few slow steps at
+    a bad moment (a cold start, another engine starting on the same cores, a trainer process)
+    would price it out for the engine's lifetime. :meth:`probe` therefore measures a kind afresh
+    once ``reprobe_after`` observed steps have passed in its bucket without it (its old fit is
+    dropped, then ``min_steps`` steps of it are run): drafting comes back after a transient, and
+    where it really does not pay the re-measurement costs ``min_steps`` one-draft steps per
+    ``reprobe_after`` steps.
     """
 
     weight: float = 0.2  # weight of the newest step in the decayed sums
@@ -191,8 +199,12 @@ class StepTimeCorrection:
     max_ratio: float = 4.0
     max_extra_ratio: float = 10.0  # the extra part: the bare calibration can miss most of it
     max_probes: int = 12  # probe steps per (bucket, kind): a kind that cannot be observed stops being probed
+    reprobe_after: int = 128  # observed steps in a bucket without a kind before that kind is measured afresh
     probes: dict[tuple[int, bool], int] = field(default_factory=dict)
     sums: dict[tuple[int, bool], tuple[float, float, int]] = field(default_factory=dict)  # (sum wxy, sum wx^2, steps)
+    steps: dict[int, int] = field(default_factory=dict)  # observed steps per bucket
+    # the bucket's step count at each kind's last observation
+    last_seen: dict[tuple[int, bool], int] = field(default_factory=dict)
 
     @property
     def ratios(self) -> dict[tuple[int, bool], tuple[float, int]]:
@@ -218,6 +230,8 @@ class StepTimeCorrection:
         sxy, sxx, n = self.sums.get(key, (0.0, 0.0, 0))
         w = max(self.weight, 1.0 / (n + 1))  # equal weights for the first steps, then exponential decay
         self.sums[key] = ((1.0 - w) * sxy + w * x * y, (1.0 - w) * sxx + w * x * x, n + 1)
+        self.steps[key[0]] = self.steps.get(key[0], 0) + 1
+        self.last_seen[key] = self.steps[key[0]]
 
     def factor(self, batch: int, drafting: bool) -> float:
         """The ratio for this kind of step at the nearest measured batch bucket; a kind never
@@ -236,16 +250,21 @@ class StepTimeCorrection:
         None. Only the relative cost of the two kinds decides the plan, so once the planned kind
         is measured in this bucket and the other is not, the other is run until it is measured
         too (a plain probe costs a little speed, a drafting probe drafts one token per request);
-        each kind is probed at most ``max_probes`` steps per bucket."""
+        each kind is probed at most ``max_probes`` steps per bucket and measurement. A measured
+        kind not observed for ``reprobe_after`` of the bucket's steps is measured afresh."""
         b = self.bucket(batch)
-        other = not drafting
+        other = (b, not drafting)
         if self.ratios.get((b, bool(drafting)), (0.0, 0))[1] < self.min_steps:
             return None
-        measured = self.ratios.get((b, other), (0.0, 0))[1] >= self.min_steps
-        if measured or self.probes.get((b, other), 0) >= self.max_probes:
+        if self.ratios.get(other, (0.0, 0))[1] >= self.min_steps:
+            if self.steps.get(b, 0) - self.last_seen.get(other, 0) < self.reprobe_after:
+                return None
+            del self.sums[other]  # stale: whatever made it look as it did may have passed
+            self.probes[other] = 0
+        if self.probes.get(other, 0) >= self.max_probes:
             return None
-        self.probes[(b, other)] = self.probes.get((b, other), 0) + 1
-        return other
+        self.probes[other] = self.probes.get(other, 0) + 1
+        return other[1]
 
     def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int,
                   base_tokens: int) -> Callable[[Any, int], Any]:

@@ -552,6 +552,48 @@ def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated()
     assert planner.correction.ratios == before
 
 
+@pytest.mark.parametrize("reprobe_after", [128, 10**9])
+def test_planner_drafts_again_after_a_transient_slowdown(reprobe_after):
+    """The first three drafting steps run 10x their prediction (a cold start, another engine
+    starting on the same cores: seen in `./run demo`, where it switched drafting off for the
+    whole run); from then on every step runs as calibrated. The planner stops drafting, and
+    once ``reprobe_after`` plain steps have passed it measures drafting afresh and drafts
+    again. Negative control: without re-probing (10**9) drafting never comes back."""
+    from bebop_vllm.draft_policy import StepTimeCorrection
+
+    base, _, _, _ = _hooks()
+    model = StepCostModel(target=[(1, 0.05), (16, 0.06), (64, 0.09)], draft_pass=[(1, 0.001), (64, 0.004)],
+                          draft_head=[(1, 0.001), (64, 0.004)], draft_forward=[(1, 0.001), (64, 0.004)])
+    sched = FakeScheduler(_opts(), 3, model, 16)
+    planner = sched._bebop_draft_planner
+    planner.correction = StepTimeCorrection(reprobe_after=reprobe_after)
+    kinds, slow_left = [], 3
+    out = sched.output()
+    base(sched, out)
+    for _ in range(400):
+        drafting = out.num_spec_tokens_to_schedule > 0
+        kinds.append(drafting)
+        spec = {r: [7] * planner.lengths.get(r, 0) for r in out.num_scheduled_tokens if planner.lengths.get(r, 0)}
+        out.scheduled_spec_decode_tokens = spec
+        out.total_num_scheduled_tokens = len(out.num_scheduled_tokens) + sum(map(len, spec.values()))
+        predicted = model.step_seconds(out.total_num_scheduled_tokens, out.num_spec_tokens_to_schedule, 16)
+        slowdown = 10.0 if drafting and slow_left > 0 else 1.0
+        slow_left -= drafting
+        planner.observe_step_time(out, out._bebop_scheduled_at + predicted * slowdown)
+        planner._last_update_end = 0.0
+        out = sched.output()
+        base(sched, out)
+    assert kinds[:3] == [True] * 3 and not any(kinds[3:100])  # priced out by the slow steps
+    if reprobe_after > len(kinds):
+        assert not any(kinds[3:])
+        return
+    assert kinds.index(True, 3) <= 3 + reprobe_after + 3 + 1  # plain steps, then the drafting re-probe
+    # measured afresh, drafting pays again: the plan drafts, but for the plain kind's own
+    # re-measurement (3 steps per reprobe_after)
+    assert sum(kinds[-200:]) >= 200 - 2 * 3
+    assert planner.correction.factor(16, True) == pytest.approx(1.0, rel=0.05)
+
+
 def test_step_cost_key_is_the_same_in_the_worker_and_the_scheduler_process(monkeypatch):
     """vLLM's CPU worker sets its own thread count and OMP_NUM_THREADS after it starts; the
     scheduler (another process with the multiprocess executor) must still find its calibration."""
