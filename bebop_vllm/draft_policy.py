@@ -28,13 +28,13 @@ The step-cost model is calibrated on bare forward passes; a real step also pays 
 sampler and verifier, the proposer's bookkeeping and attention over long contexts, and these do
 not scale the same way for drafting and plain steps. :class:`StepTimeCorrection` measures each
 step's wall time against the model's prediction, per batch size (powers of two): for plain steps
-the observed/predicted ratio, for drafting steps the ratio of the part a drafting step costs on
-top of the plain step (its marginal cost: extra verified tokens and draft depths, which the bare
-calibration underestimates most, e.g. attention of multi-token queries over long contexts), each
-a decayed least-squares fit so that steps with a tiny extra part cannot swing it. The planner
-scales the model's plain part and extra part by these ratios, so a batch where drafting costs more
-than calibrated stops drafting after a few steps, and a step with one draft per request is not
-charged the extra cost of three.
+the observed/predicted ratio; for drafting steps the part they cost on top of the plain step, fitted
+as a per-step overhead c (paid by any drafting step, whatever its depth) plus r times the model's
+marginal cost of the drafts and depths (decayed least squares over weighted moments, so that
+steps with a tiny extra part cannot swing it; every 8th drafting step runs one depth more or less
+so that c and r can be told apart). The planner prices candidate steps with these, so a batch
+where drafting costs more than calibrated stops drafting after a few steps, and a drafting step
+is charged its fixed part once, not once per depth.
 
 Exactness is untouched: rejection sampling is exact for any number of drafts per request, so the
 policy changes speed only, never the output distribution.
@@ -169,16 +169,29 @@ class AcceptanceEstimate:
 
 @dataclass
 class StepTimeCorrection:
-    """Observed / predicted step seconds, a decayed least-squares fit per (batch bucket, drafting).
+    """Observed / predicted step seconds, decayed least-squares fits per (batch bucket, drafting).
 
     Plain steps fit observed = r * predicted. Drafting steps fit the part they cost on top of the
-    plain step: observed - (plain r) * base = r * (predicted - base), where base is the model's
-    plain step for the same batch; so :meth:`corrected` prices a candidate step as plain r * base +
-    drafting r * (its predicted cost - base). The fit is the ratio of decayed sums,
-    r = sum w x y / sum w x^2 (x predicted, y observed), not a mean of per-step ratios: a drafting
-    step with one draft has an extra part of a fraction of a millisecond, and its timing noise
-    divided by that would swing a per-step ratio by several x; weighted by x^2 such a step barely
-    moves the fit while steps whose extra part is large (the ones the plan is about) decide it.
+    plain step, y = observed - (plain r) * base, against the model's extra part x = predicted -
+    base (base: the model's plain step for the same batch), as an affine function y = c + r * x:
+    c is what any drafting step pays on top of the plain step whatever its drafts (proposer
+    bookkeeping, the verifier's pass), r scales the calibrated marginal cost of drafts and depths.
+    :meth:`corrected` prices a candidate drafting step as plain r * base + c + r * (its predicted
+    cost - base). The fit through the origin used before 2026-12-07 (c = 0) charged any per-step
+    part to every draft depth, and a plan settled on one depth gave it nothing to tell the two
+    apart: at batch 1 on a bf16 AVX-512 CPU its ratio sat at 6-8x during T = 1 runs and the plan
+    drafted 1.95 depths on average (1.21-1.26x plain, a fixed k = 3 1.36x); with this fit and
+    :meth:`explore` the same engine fitted c = -0.5 ms, r = 1.89, drafted 2.60 depths and ran
+    1.31x (benchmarks/results/batch1_v6_bf16_policy.md).
+
+    The fits use decayed sums (weighted moments of x and y), not means of per-step ratios: a
+    drafting step with one draft has an extra part of a fraction of a millisecond, and its timing
+    noise divided by that would swing a per-step ratio by several x. The slope is ridge-regularised
+    towards 1 (``slope_prior`` pseudo-variance relative to mean x squared): when the steps drafted
+    all about the same depths, x barely varies and the data cannot separate c from r, so r stays
+    near 1 (the calibrated marginal costs) and c takes the rest; where x varies (per-request
+    lengths, probes, changing batches) the data decides. r is clipped to
+    [1/``max_ratio``, ``max_extra_ratio``] and c then refitted at the mean.
     Buckets are powers of two of the batch size (1, 2-3, 4-7, ...). :meth:`factor` uses a bucket
     once it has ``min_steps`` observations, else the nearest bucket of the same kind that has,
     else 1 (trust the calibrated model). Each step's observation is clipped to
@@ -200,16 +213,31 @@ class StepTimeCorrection:
     max_extra_ratio: float = 10.0  # the extra part: the bare calibration can miss most of it
     max_probes: int = 12  # probe steps per (bucket, kind): a kind that cannot be observed stops being probed
     reprobe_after: int = 128  # observed steps in a bucket without a kind before that kind is measured afresh
+    slope_prior: float = 0.02  # drafting fit: ridge towards r = 1, as a variance relative to mean(x)^2
+    explore_every: int = 8  # every n-th planned drafting step of a bucket runs one depth more or less
+    planned: dict[int, int] = field(default_factory=dict)  # planned drafting steps per bucket
     probes: dict[tuple[int, bool], int] = field(default_factory=dict)
-    sums: dict[tuple[int, bool], tuple[float, float, int]] = field(default_factory=dict)  # (sum wxy, sum wx^2, steps)
+    # decayed weighted moments per (bucket, kind): (sum w, sum wx, sum wy, sum wx^2, sum wxy, steps)
+    sums: dict[tuple[int, bool], tuple[float, float, float, float, float, int]] = field(default_factory=dict)
     steps: dict[int, int] = field(default_factory=dict)  # observed steps per bucket
     # the bucket's step count at each kind's last observation
     last_seen: dict[tuple[int, bool], int] = field(default_factory=dict)
 
+    def fit(self, key: tuple[int, bool]) -> tuple[float, float, int]:
+        """(c seconds, r, steps seen) for one (bucket, kind); plain steps have c = 0."""
+        sw, sx, sy, sxx, sxy, n = self.sums[key]
+        if not key[1]:
+            return 0.0, sxy / sxx, n
+        mx, my = sx / sw, sy / sw
+        vxx, vxy = max(sxx / sw - mx * mx, 0.0), sxy / sw - mx * my
+        prior = self.slope_prior * mx * mx
+        r = min(max((vxy + prior) / (vxx + prior), 1.0 / self.max_ratio), self.max_extra_ratio)
+        return my - r * mx, r, n
+
     @property
     def ratios(self) -> dict[tuple[int, bool], tuple[float, int]]:
         """(fitted r, steps seen) per (bucket, kind), from the decayed sums."""
-        return {key: (sxy / sxx, n) for key, (sxy, sxx, n) in self.sums.items()}
+        return {key: (r, n) for key, (_, r, n) in ((k, self.fit(k)) for k in self.sums)}
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -227,9 +255,10 @@ class StepTimeCorrection:
             x = predicted_s
             y = min(max(observed_s, x / self.max_ratio), x * self.max_ratio)
         key = (self.bucket(batch), bool(drafting))
-        sxy, sxx, n = self.sums.get(key, (0.0, 0.0, 0))
+        *moments, n = self.sums.get(key, (0.0, 0.0, 0.0, 0.0, 0.0, 0))
         w = max(self.weight, 1.0 / (n + 1))  # equal weights for the first steps, then exponential decay
-        self.sums[key] = ((1.0 - w) * sxy + w * x * y, (1.0 - w) * sxx + w * x * x, n + 1)
+        self.sums[key] = (*((1.0 - w) * m + w * v for m, v in zip(moments, (1.0, x, y, x * x, x * y), strict=True)),
+                          n + 1)
         self.steps[key[0]] = self.steps.get(key[0], 0) + 1
         self.last_seen[key] = self.steps[key[0]]
 
@@ -238,12 +267,21 @@ class StepTimeCorrection:
         measured yet takes the other kind's ratio (the model's relative costs are trusted until
         measured: a model uniformly off by 4x must not make the unmeasured kind look 4x cheaper
         or dearer, or drafting could never start); 1 when nothing is measured."""
-        for kind in (bool(drafting), not drafting):
-            ready = {k[0]: v[0] for k, v in self.ratios.items() if k[1] == kind and v[1] >= self.min_steps}
+        return self._nearest(batch, drafting)[1]
+
+    def overhead(self, batch: int) -> float:
+        """Seconds every drafting step pays on top of the plain step whatever its drafts (the
+        drafting fit's c at the nearest measured bucket; 0 until drafting steps are measured)."""
+        return self._nearest(batch, True, fallback=False)[0]
+
+    def _nearest(self, batch: int, drafting: bool, fallback: bool = True) -> tuple[float, float]:
+        for kind in (bool(drafting), not drafting) if fallback else (bool(drafting),):
+            ready = [k for k, (_, n) in self.ratios.items() if k[1] == kind and n >= self.min_steps]
             if ready:
                 b = self.bucket(batch)
-                return ready[min(ready, key=lambda x: (abs(x - b), x))]
-        return 1.0
+                c, r, _ = self.fit(min(ready, key=lambda k: (abs(k[0] - b), k[0])))
+                return (c if kind == bool(drafting) else 0.0), r
+        return 0.0, 1.0
 
     def probe(self, batch: int, drafting: bool) -> bool | None:
         """The kind of step to run instead of the planned one (``drafting`` = the plan drafts), or
@@ -266,20 +304,41 @@ class StepTimeCorrection:
         self.probes[other] = self.probes.get(other, 0) + 1
         return other[1]
 
+    def explore(self, batch: int, depths: int, max_k: int) -> int | None:
+        """The draft depth to run instead of the planned ``depths``, or None. The drafting fit
+        can only tell the per-step part c from the per-depth scale r if the steps it sees draft
+        different depths; a plan that settles on one depth would never show them (and a
+        calibration that is off for deep drafts would then never be corrected), so every
+        ``explore_every``-th planned drafting step of a bucket drafts one depth more or less
+        (alternately, within 1..``max_k``). Costs at most one step in ``explore_every`` at a
+        neighbouring depth; exactness does not depend on the depth."""
+        if depths <= 0 or max_k < 2:
+            return None
+        b = self.bucket(batch)
+        n = self.planned[b] = self.planned.get(b, 0) + 1
+        if n % self.explore_every:
+            return None
+        up = depths == 1 or (depths < max_k and (n // self.explore_every) % 2 == 1)
+        return depths + 1 if up else depths - 1
+
     def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int,
                   base_tokens: int) -> Callable[[Any, int], Any]:
         """``step_seconds`` with its plain part (the plain step on ``base_tokens``) scaled by the
         plain factor and the rest of a drafting step by the drafting factor."""
-        plain, extra = self.factor(batch, False), self.factor(batch, True)
+        plain, extra, overhead = self.factor(batch, False), self.factor(batch, True), self.overhead(batch)
         base = step_seconds(base_tokens, 0)
 
         def corrected(num_tokens: Any, depths: int) -> Any:
             if depths <= 0:
                 return step_seconds(num_tokens, depths) * plain
-            return base * plain + (step_seconds(num_tokens, depths) - base) * extra
+            return base * plain + overhead + (step_seconds(num_tokens, depths) - base) * extra
 
         return corrected
 
     def summary(self) -> str:
-        return " ".join(f"{'draft' if d else 'plain'}@{1 << (b - 1)}+:{r:.2f}(n={n})"
-                        for (b, d), (r, n) in sorted(self.ratios.items())) or "none yet"
+        def one(key: tuple[int, bool]) -> str:
+            c, r, n = self.fit(key)
+            kind = f"draft@{1 << (key[0] - 1)}+:{c * 1e3:+.1f}ms+" if key[1] else f"plain@{1 << (key[0] - 1)}+:"
+            return f"{kind}{r:.2f}(n={n})"
+
+        return " ".join(one(key) for key in sorted(self.sums)) or "none yet"

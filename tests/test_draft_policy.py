@@ -429,22 +429,22 @@ def test_vectorised_costs_match_scalar_ones():
 def test_step_time_correction_averages_per_bucket_and_kind():
     from bebop_vllm.draft_policy import StepTimeCorrection
 
-    # base_s = 0: no plain part to separate, so drafting steps keep their whole-step ratio here
     c = StepTimeCorrection(min_steps=3)
     for _ in range(2):
-        c.observe(16, True, predicted_s=0.1, observed_s=0.2, base_s=0.0)
-    assert c.factor(16, True) == 1.0  # fewer than min_steps: trust the model
-    c.observe(16, True, 0.1, 0.2, 0.0)
-    assert c.factor(16, True) == pytest.approx(2.0)
-    assert c.factor(16, False) == pytest.approx(2.0)  # plain steps not measured yet: the drafting ratio
+        c.observe(16, False, predicted_s=0.1, observed_s=0.2, base_s=0.1)
+    assert c.factor(16, False) == 1.0  # fewer than min_steps: trust the model
+    c.observe(16, False, 0.1, 0.2, 0.1)
+    assert c.factor(16, False) == pytest.approx(2.0)
+    assert c.factor(16, True) == pytest.approx(2.0)  # drafting steps not measured yet: the plain ratio
+    assert c.overhead(16) == 0.0  # ... and no per-step overhead
+    for _ in range(3):  # extra part as predicted: y = 0.25 - 2 * 0.1 = 0.05 = x
+        c.observe(16, True, 0.15, 0.25, 0.1)
+    assert c.factor(16, True) == pytest.approx(1.0) and c.overhead(16) == pytest.approx(0.0, abs=1e-12)
+    assert c.factor(31, False) == pytest.approx(2.0)  # same bucket (16-31)
+    assert c.factor(2, False) == pytest.approx(2.0)  # nearest bucket with data
     for _ in range(3):
-        c.observe(16, False, 0.1, 0.1, 0.1)
-    assert c.factor(16, False) == pytest.approx(1.0)  # plain steps are their own kind once measured
-    assert c.factor(31, True) == pytest.approx(2.0)  # same bucket (16-31)
-    assert c.factor(2, True) == pytest.approx(2.0)  # nearest bucket with data
-    for _ in range(3):
-        c.observe(2, True, 0.1, 0.1, 0.0)
-    assert c.factor(2, True) == pytest.approx(1.0) and c.factor(16, True) == pytest.approx(2.0)
+        c.observe(2, False, 0.1, 0.1, 0.1)
+    assert c.factor(2, False) == pytest.approx(1.0) and c.factor(16, False) == pytest.approx(2.0)
     c.observe(64, False, 0.1, 100.0, 0.1)  # one stalled step is clipped
     assert c.ratios[(c.bucket(64), False)][0] <= c.max_ratio
     c.observe(64, False, 0.0, 1.0, 0.0)  # nonsense input is ignored
@@ -460,55 +460,80 @@ def test_step_time_correction_averages_per_bucket_and_kind():
     assert step(20, 2) == pytest.approx(0.25 * (20 / 16 + 0.2))  # ...is assumed 4x too slow for drafting too
 
 
-def test_step_time_correction_prices_the_extra_part_of_a_drafting_step():
-    """Measured: plain steps as predicted, a k = 3 step 2.5 s where the model says 1.5 s (plain
-    part 1 s): the extra part costs 3x its prediction. A k = 1 step (model 1.2 s) is then priced
-    1 + 3 * 0.2 = 1.6 s, not 1.2 * 2.5 / 1.5 = 2.0 s as one whole-step ratio would."""
+def _toy_model(n, k):  # noqa: ANN001, ANN202 - plain part 1 s; extra parts 0.2 (k = 1), 0.35 (2), 0.5 (3)
+    return 1.0 + {0: 0.0, 1: 0.2, 2: 0.35, 3: 0.5}[k]
+
+
+def test_step_time_correction_separates_a_per_step_overhead_from_the_per_depth_cost():
+    """A drafting step may pay a fixed part (proposer bookkeeping, the verifier's pass) that does
+    not grow with its depth, plus a per-depth part. Steps of depths 1
+    and 3 whose extra parts are 0.6 + 2 x the model's (0.2 / 0.5 -> 1.0 / 1.6 s) recover c ~ 0.6
+    and r ~ 2, and a k = 2 step is priced ~1 + 0.6 + 2 * 0.35 = 2.3 s. The fit through the origin
+    (c = 0) would have priced k = 1 at 1 + 3.2 * 0.2 = 1.64 s (truth 2.0) and k = 3 alike: drafting
+    little would have looked much cheaper than it is."""
     from bebop_vllm.draft_policy import StepTimeCorrection
 
-    def model(n, k):  # noqa: ANN001, ANN202
-        return 1.0 + {0: 0.0, 1: 0.2, 3: 0.5}[k]  # tokens do not matter in this toy model
-
     c = StepTimeCorrection(min_steps=3)
-    for _ in range(3):
-        c.observe(16, False, model(16, 0), 1.0, model(16, 0))
-        c.observe(16, True, model(64, 3), 2.5, model(16, 0))
-    assert c.factor(16, False) == pytest.approx(1.0) and c.factor(16, True) == pytest.approx(3.0)
-    step = c.corrected(model, 16, 16)
-    assert step(16, 0) == pytest.approx(1.0)
-    assert step(64, 3) == pytest.approx(2.5)
-    assert step(32, 1) == pytest.approx(1.6)
+    for _ in range(3):  # plain steps as predicted (until measured, the plain ratio is the drafting one)
+        c.observe(1, False, _toy_model(1, 0), 1.0, _toy_model(1, 0))
+    for _ in range(6):
+        c.observe(1, True, _toy_model(2, 1), 2.0, _toy_model(1, 0))
+        c.observe(1, True, _toy_model(4, 3), 2.6, _toy_model(1, 0))
+    # (the slope's ridge towards 1 pulls r a little under 2 and c a little over 0.6)
+    assert c.overhead(1) == pytest.approx(0.6, abs=0.05) and c.factor(1, True) == pytest.approx(2.0, rel=0.07)
+    step = c.corrected(_toy_model, 1, 1)
+    assert step(1, 0) == pytest.approx(1.0)
+    assert step(2, 1) == pytest.approx(2.0, rel=0.03) and step(4, 3) == pytest.approx(2.6, rel=0.03)
+    assert step(3, 2) == pytest.approx(2.3, rel=0.03)
+    # one depth only: the data cannot split c from r; r stays at the calibrated 1 and c takes the rest
+    one = StepTimeCorrection(min_steps=3)
+    for _ in range(5):
+        one.observe(1, False, 1.0, 1.0, 1.0)
+        one.observe(1, True, _toy_model(4, 3), 2.6, 1.0)
+    assert one.factor(1, True) == pytest.approx(1.0) and one.overhead(1) == pytest.approx(1.1)
+    assert one.corrected(_toy_model, 1, 1)(2, 1) == pytest.approx(1.0 + 1.1 + 0.2)
     # the plain part is scaled by the plain ratio: plain steps 2x slower than predicted
     slow = StepTimeCorrection(min_steps=1)
     slow.observe(16, False, 1.0, 2.0, 1.0)
-    slow.observe(16, True, 1.5, 3.5, 1.0)  # (3.5 - 2 * 1) / 0.5 = 3
-    assert slow.factor(16, True) == pytest.approx(3.0)
-    assert slow.corrected(model, 16, 16)(64, 3) == pytest.approx(2.0 + 3.0 * 0.5)
-    # a stalled drafting step is clipped at max_extra_ratio
+    slow.observe(16, True, 1.5, 3.5, 1.0)  # extra part (3.5 - 2 * 1) = 1.5 against 0.5 predicted
+    assert slow.corrected(_toy_model, 16, 16)(64, 3) == pytest.approx(3.5)
+    # a stalled drafting step is clipped at max_extra_ratio times its extra part
     stalled = StepTimeCorrection(min_steps=1)
     stalled.observe(16, True, 1.5, 100.0, 1.0)
-    assert stalled.factor(16, True) == pytest.approx(stalled.max_extra_ratio)
+    assert stalled.corrected(_toy_model, 16, 16)(64, 3) == pytest.approx(1.0 + 0.5 * stalled.max_extra_ratio)
+
+
+def test_step_time_correction_explores_neighbouring_depths():
+    from bebop_vllm.draft_policy import StepTimeCorrection
+
+    c = StepTimeCorrection(explore_every=4)
+    seen = [c.explore(1, 3, 3) for _ in range(8)]
+    assert seen == [None, None, None, 2, None, None, None, 2]  # at the top depth: one less
+    assert [c.explore(1, 1, 3) for _ in range(4)][-1] == 2  # at depth 1: one more
+    two = [c.explore(1, 2, 3) for _ in range(8)]
+    assert sorted(d for d in two if d is not None) == [1, 3]  # in between: alternately
+    assert c.explore(1, 0, 3) is None and StepTimeCorrection(explore_every=1).explore(1, 1, 1) is None
+    assert c.explore(64, 3, 3) is None  # counted per bucket
 
 
 def test_step_time_correction_is_not_swung_by_steps_with_a_tiny_extra_part():
-    """The extra part is fitted by least squares (sum x y / sum x^2), not as a mean of per-step
-    ratios: steps drafting 3 tokens per request (extra part 0.5 s predicted, 1.0 s observed:
-    ratio 2) decide it; a step drafting one token (extra part 0.01 s predicted) that ran 0.1 s
-    slower from timing noise (per-step ratio 10) barely moves it. A mean of ratios with the same
-    weight would have moved to 0.8 * 2 + 0.2 * 10 = 3.6."""
+    """The fit uses weighted moments, not a mean of per-step ratios: steps drafting 3 tokens per
+    request (extra part 0.5 s predicted, 1.0 s observed) decide it; a step drafting one token
+    (extra part 0.01 s predicted) that ran 0.1 s slower from timing noise (per-step ratio 10) moves
+    the price of a k = 3 step by under 2 %."""
     from bebop_vllm.draft_policy import StepTimeCorrection
 
     c = StepTimeCorrection(min_steps=3)
     for _ in range(5):
         c.observe(16, False, 1.0, 1.0, 1.0)
         c.observe(16, True, 1.5, 2.0, 1.0)
-    assert c.factor(16, True) == pytest.approx(2.0)
+    assert c.corrected(_toy_model, 16, 16)(64, 3) == pytest.approx(2.0)
     c.observe(16, True, 1.01, 1.1, 1.0)
-    assert 2.0 < c.factor(16, True) < 2.01
+    assert c.corrected(_toy_model, 16, 16)(64, 3) == pytest.approx(2.0, rel=0.02)
     # the fit still follows a real change: extra parts that now cost 4x move it there within a few steps
     for _ in range(12):
         c.observe(16, True, 1.5, 3.0, 1.0)
-    assert c.factor(16, True) == pytest.approx(4.0, rel=0.05)
+    assert c.corrected(_toy_model, 16, 16)(64, 3) == pytest.approx(3.0, rel=0.05)
 
 
 def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated():
@@ -537,14 +562,16 @@ def test_planner_stops_drafting_when_drafting_steps_run_slower_than_calibrated()
         run_step(out, 2.0 if out.num_spec_tokens_to_schedule else 1.0)
         out = sched.output()
         base(sched, out)
-    # 3 drafting steps measure drafting; plain is probed (only the relative cost decides) until
-    # measured; from then on the corrected model says plain: no more drafting, no more probes
+    # 3 drafting steps measure drafting; from then on the corrected model says plain: no more
+    # drafting (plain steps are measured as they run; until then the drafting ratio stands in)
     assert kinds[:3] == [True] * 3 and not any(kinds[3:])
     assert out.num_spec_tokens_to_schedule == 0
-    # whole drafting steps took 2x: their extra part (over the plain step) took more than 2x
-    assert planner.correction.factor(16, True) > 2.0
+    # whole drafting steps took 2x, all at one depth: the data cannot split a per-step part from a
+    # per-depth scale, so the scale stays at the calibrated 1 and the per-step part takes the rest
+    overhead, scale, _ = planner.correction.fit((planner.correction.bucket(16), True))
+    assert overhead > 0.05 and scale == pytest.approx(1.0)
     assert planner.correction.factor(16, False) == pytest.approx(1.0)
-    assert planner.correction.probes == {(planner.correction.bucket(16), False): 3}
+    assert planner.correction.ratios[(planner.correction.bucket(16), False)][1] >= 3  # plain steps measured
     # a prefill in the step: not observed
     before = dict(planner.correction.ratios)
     out.scheduled_spec_decode_tokens, out.total_num_scheduled_tokens = {}, 16 + 100

@@ -131,8 +131,13 @@ class DraftPlanner:
                                               eligible=eligible).lengths)
             if base == len(req_ids):  # decode-only: the steps StepTimeCorrection measures
                 probe = self.correction.probe(len(req_ids), max(lengths) > 0)
+                explore = None if probe is not None else self.correction.explore(len(req_ids), max(lengths),
+                                                                                 self.max_k)
                 if probe is not None:
                     lengths = [int(ok) if probe else 0 for ok in eligible]
+                elif explore is not None:  # one depth more or less, for the requests at the top depth
+                    top = max(lengths)
+                    lengths = [min(k, explore) if explore < top else (explore if k == top else k) for k in lengths]
         self.lengths = dict(zip(req_ids, lengths, strict=True))
         depths = max(lengths)
         self._count(depths, lengths)
