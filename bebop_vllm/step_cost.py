@@ -162,6 +162,26 @@ def load(path: str | Path) -> StepCostModel:
     return StepCostModel.from_json(json.loads(path.read_text()), source=f"file:{path}")
 
 
+def forget(model: StepCostModel) -> Path | None:
+    """Drop a calibrated or cached model: its entry in this process and its cache file, so the next
+    engine start calibrates afresh (a user's ``step_cost_file`` and the default are left alone).
+    Returns the removed file, if any."""
+    for digest, known in list(_REGISTRY.items()):
+        if known is model:
+            del _REGISTRY[digest]
+    if model.source.startswith("cache:"):
+        path: Path | None = Path(model.source[len("cache:"):])
+    elif model.source == "calibrated" and model.key:
+        path = cache_path(model.key)
+    else:
+        return None
+    try:
+        path.unlink()
+    except OSError:
+        return None
+    return path
+
+
 def default_model(on_gpu: bool) -> StepCostModel:
     """Rough relative costs (a plain batch-1 step = 1): used only without calibration or a file.
 

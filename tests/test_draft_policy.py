@@ -662,3 +662,33 @@ def test_crowded_batch_does_not_draft_into_a_calibrated_dip():
     assert sum(plan_draft_lengths([0.5] * 200, 3, flat_cost, min_gain=0.03).lengths) > 0
     # the tail still drafts: one request, the same curves
     assert plan_draft_lengths([0.5], 3, model.for_batch(1), min_gain=0.03).lengths[0] >= 2
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.2])
+def test_planner_drops_a_calibration_made_under_contention(tmp_path, caplog, speed):
+    """Plain steps that run at 0.5x the model's prediction (a calibration made while another
+    engine started on the same cores) remove the model's cache file so the next engine start
+    calibrates afresh; steps at 1.2x (healthy: the real step adds scheduler and sampler) keep it."""
+    import logging
+
+    from bebop_vllm.step_cost import StepCostModel as Model
+
+    cache = tmp_path / "calibration.json"
+    model = Model(target=[(1, 0.05), (16, 0.06)], draft_pass=[(1, 0.001), (16, 0.002)],
+                  draft_head=[(1, 0.001), (16, 0.002)], draft_forward=[(1, 0.001), (16, 0.002)])
+    model.save(cache)
+    model = Model.from_json(json.loads(cache.read_text()), source=f"cache:{cache}")
+    sched = FakeScheduler(_opts(), 3, model, 1)
+    planner = sched._bebop_draft_planner
+    with caplog.at_level(logging.WARNING, logger="vllm.bebop.draft_length"):
+        for _ in range(3):
+            out = sched.output()
+            out.num_spec_tokens_to_schedule, out.total_num_scheduled_tokens = 0, 1
+            out._bebop_scheduled_at = 100.0
+            planner.observe_step_time(out, 100.0 + speed * model.step_seconds(1, 0, 1))
+    assert cache.is_file() == (speed > 1.0)
+    assert ("calibrates afresh" in caplog.text) == (speed < 1.0)
+    user = Model.from_json(json.loads(json.dumps(model.to_json())), source=f"file:{cache}")
+    from bebop_vllm.step_cost import forget
+
+    assert forget(user) is None  # a user's step_cost_file is never removed

@@ -50,6 +50,10 @@ POLICY_ENTROPY_ATTR = "bebop_policy_entropy"
 # SchedulerOutput attribute: time.perf_counter() when the step's planning ended.
 SCHEDULED_AT_ATTR = "_bebop_scheduled_at"
 DEFAULT_PRIOR_ALPHA = 0.5
+# Plain steps running faster than this fraction of the step-cost model's prediction: the model was
+# calibrated while other work shared the CPU (healthy runs measure 1.1-1.3: the real step adds
+# the scheduler and sampler to the bare forward passes; contention only ever adds time).
+CONTENDED_PLAIN_RATIO = 0.7
 LOG_EVERY_S = 60.0
 # vLLM's dynamic-SD schedule that marks an engine as "variable K" (range end capped at max_num_seqs).
 DYNAMIC_SCHEDULE_END = 1 << 30
@@ -83,6 +87,7 @@ class DraftPlanner:
         self.lengths: dict[str, int] = {}
         self.correction = StepTimeCorrection()
         self._last_update_end = 0.0
+        self._calibration_checked = False
         self._stats = {"steps": 0, "draft_steps": 0, "depths": 0, "drafts": 0, "requests": 0}
         self._last_log = time.monotonic()
 
@@ -175,6 +180,27 @@ class DraftPlanner:
         predicted = float(self.cost.step_seconds(tokens, depths, batch))
         base = float(self.cost.step_seconds(batch, 0, batch))
         self.correction.observe(batch, drafts > 0 or depths > 0, predicted, arrived_at - started, base)
+        if not self._calibration_checked:
+            self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        """A calibration made while other work shared the CPU (e.g. two engines started at once,
+        as ``bebop demo`` does) predicts steps far slower than they run, and its cache would
+        mislead every later engine on this machine: drop the cache so the next start calibrates
+        again. This run keeps the model: :class:`StepTimeCorrection` corrects it."""
+        for (bucket, drafting), (ratio, n) in self.correction.ratios.items():
+            if drafting or n < self.correction.min_steps or ratio >= CONTENDED_PLAIN_RATIO:
+                continue
+            from bebop_vllm.step_cost import forget
+
+            self._calibration_checked = True
+            removed = forget(self._cost)
+            logger.warning("bebop draft_length=auto: plain steps of %d+ requests ran at %.2fx the step-cost "
+                           "model's prediction, so it was probably calibrated while other work shared the CPU; "
+                           "%s", 1 << (bucket - 1), ratio,
+                           f"removed its cache {removed}: the next engine start calibrates afresh" if removed
+                           else "the measured step times correct it for this run")
+            return
 
     def forget_finished(self, live: Any) -> None:
         for req_id in [r for r in self.estimates if r not in live]:
