@@ -422,8 +422,12 @@ def test_target_pass_caches_aux_features_without_recounting_the_mass(setup: tupl
     again = HiddenCache(tmp_path, "heldout", held, target, (1,))  # read back from disk
     assert again.aux_done == {0, 1} and not again.is_missing(1) and again.is_missing(2)
     ids = torch.from_numpy(held.sequence(0).astype(np.int64))
-    hidden, feats = target_states(load_target_model(target), ids[None], (1,))
-    want = torch.cat([feats[0], hidden[0]], dim=-1)
+    from bebop_vllm.train.target_cache import cache_dtype
+
+    # the cache pass runs the target in cache_dtype() (bf16 where the CPU has avx512_bf16): compare
+    # with a direct pass in the same dtype (an fp32 pass differs by bf16 rounding there)
+    hidden, feats = target_states(load_target_model(target, cache_dtype()), ids[None], (1,))
+    want = torch.cat([feats[0], hidden[0]], dim=-1).float()
     torch.testing.assert_close(again.features(0), want.half().float(), atol=0, rtol=0)
     with pytest.raises(IndexError, match="no cached aux features"):
         again.features(2)
