@@ -324,14 +324,19 @@ class StepTimeCorrection:
     def corrected(self, step_seconds: Callable[[Any, int], Any], batch: int,
                   base_tokens: int) -> Callable[[Any, int], Any]:
         """``step_seconds`` with its plain part (the plain step on ``base_tokens``) scaled by the
-        plain factor and the rest of a drafting step by the drafting factor."""
+        plain factor, plus, for a drafting step, the drafting fit's per-step part and its scale on
+        the rest; a drafting step is never priced below the plain step (a fit with a negative
+        per-step part must not make drafting look free)."""
+        import numpy as np
+
         plain, extra, overhead = self.factor(batch, False), self.factor(batch, True), self.overhead(batch)
         base = step_seconds(base_tokens, 0)
 
         def corrected(num_tokens: Any, depths: int) -> Any:
             if depths <= 0:
                 return step_seconds(num_tokens, depths) * plain
-            return base * plain + overhead + (step_seconds(num_tokens, depths) - base) * extra
+            extra_part = overhead + (step_seconds(num_tokens, depths) - base) * extra
+            return base * plain + np.maximum(extra_part, 0.0)
 
         return corrected
 

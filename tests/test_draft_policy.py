@@ -492,6 +492,15 @@ def test_step_time_correction_separates_a_per_step_overhead_from_the_per_depth_c
         one.observe(1, True, _toy_model(4, 3), 2.6, 1.0)
     assert one.factor(1, True) == pytest.approx(1.0) and one.overhead(1) == pytest.approx(1.1)
     assert one.corrected(_toy_model, 1, 1)(2, 1) == pytest.approx(1.0 + 1.1 + 0.2)
+    # a fit with a negative per-step part never prices a drafting step below the plain step
+    cheap = StepTimeCorrection(min_steps=3)
+    for _ in range(3):
+        cheap.observe(1, False, 1.0, 1.0, 1.0)
+    for k, y in [(2, 0.01), (3, 1.0)] * 4:  # extra parts 0.01 / 1.0 s against 0.35 / 0.5 predicted
+        cheap.observe(1, True, _toy_model(4, k), 1.0 + y, 1.0)
+    c, r, _ = cheap.fit((1, True))
+    assert c + r * 0.2 < -0.2  # the line itself would price a k = 1 step well below a plain step
+    assert cheap.corrected(_toy_model, 1, 1)(2, 1) == pytest.approx(cheap.corrected(_toy_model, 1, 1)(1, 0))
     # the plain part is scaled by the plain ratio: plain steps 2x slower than predicted
     slow = StepTimeCorrection(min_steps=1)
     slow.observe(16, False, 1.0, 2.0, 1.0)
