@@ -29,16 +29,12 @@ from bebop_vllm.hardware import describe_machine, machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
-from recipe_comparison import paired, per_sequence_metrics  # noqa: E402
+from recipe_comparison import load_scored_heads, paired, per_sequence_metrics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
     import torch
 
-    from bebop_vllm.draft_vocab import trained_draft_vocab_size
-    from bebop_vllm.heads.checkpoint import load_heads
     from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
     from bebop_vllm.train.dataset import default_data_dir, load_split
     from bebop_vllm.train.target_cache import HiddenCache
@@ -55,11 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data or default_data_dir()
     held = load_split(data, "heldout")
     idx = select(held, (args.temperature,), None)
-    head = load_heads(args.heads, model_dir).float()
-    ids = json.loads((args.heads / "draft_vocab.json").read_text())["ids"]
-    size = trained_draft_vocab_size(args.heads)
-    vocab = torch.tensor(sorted(ids[:size])) if size else None
-    rows = None if vocab is None else head.lm_head_weight[vocab].contiguous()
+    head, vocab, rows = load_scored_heads(args.heads, model_dir)
     arms: dict[str, dict] = {}
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:

@@ -114,8 +114,6 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     """Per-sequence teacher-forced metrics on the held-out sequences sampled at ``temperature``."""
     import torch
 
-    from bebop_vllm.draft_vocab import trained_draft_vocab_size
-    from bebop_vllm.heads.checkpoint import load_heads
     from bebop_vllm.paths import default_model_dir
     from bebop_vllm.train.dataset import default_data_dir, load_split
     from bebop_vllm.train.target_cache import HiddenCache
@@ -124,17 +122,29 @@ def evaluate(head_dir: Path, data: Path | None, temperature: float) -> dict:
     model = default_model_dir()
     data = data or default_data_dir()
     held = load_split(data, "heldout")
-    head = load_heads(head_dir, model).float()
+    head, vocab, rows = load_scored_heads(head_dir, model)
     cache = HiddenCache(data, "heldout", held, model, head.shape.aux_layer_ids)
     idx = select(held, (temperature,), None)
     cache.fill(idx, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype("auto") == torch.bfloat16):
+        metrics = per_sequence_metrics(head, held, cache, idx, head.metadata.num_depths, vocab, rows)
+    return {"temperature": temperature, **metrics}
+
+
+def load_scored_heads(head_dir: Path, model_dir: Path) -> tuple:
+    """A heads folder as the evaluations score it: (fp32 head, its trained draft vocabulary as
+    sorted token ids or None, the lm_head rows of that vocabulary or None)."""
+    import torch
+
+    from bebop_vllm.draft_vocab import trained_draft_vocab_size
+    from bebop_vllm.heads.checkpoint import load_heads
+
+    head = load_heads(head_dir, model_dir).float()
     ids = json.loads((head_dir / "draft_vocab.json").read_text())["ids"]
     size = trained_draft_vocab_size(head_dir)
     vocab = torch.tensor(sorted(ids[:size])) if size else None
     rows = None if vocab is None else head.lm_head_weight[vocab].contiguous()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype("auto") == torch.bfloat16):
-        metrics = per_sequence_metrics(head, held, cache, idx, head.metadata.num_depths, vocab, rows)
-    return {"temperature": temperature, **metrics}
+    return head, vocab, rows
 
 
 def per_sequence_metrics(

@@ -187,7 +187,7 @@ def main() -> int:
                     help="negative control: the plain engine at this temperature must fail (default 0.9)")
     ap.add_argument("--engines", default="plain,plain-control,bebop-random",
                     help="comma-separated subset of plain, plain-control, bebop-random")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="engine seed and the random schedule's seed (default 0)")
     ap.add_argument("--model", default=None, help="target model dir (default: bebop's default model)")
     ap.add_argument("--heads", default=str(SHIPPED_HEADS_DIR), help="heads dir (default: shipped heads)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
