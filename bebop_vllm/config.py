@@ -181,6 +181,16 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     return {k: v["shape"] for k, v in header.items()}
 
 
+def _check_feedback(path: Path, config: dict) -> None:
+    """``bebop.feedback`` (optional): what a depth hands the next, "residual" or "normed"."""
+    from bebop_vllm.heads.module import FEEDBACK_KINDS
+
+    feedback = (config.get("bebop") or {}).get("feedback", "residual")
+    if feedback not in FEEDBACK_KINDS:
+        raise BebopSpecError(f"{path / 'config.json'}: bebop.feedback is {feedback!r}, expected one of "
+                             f"{', '.join(FEEDBACK_KINDS)}")
+
+
 def _check_aux_layers(path: Path, config: dict, target_hf_config: Any) -> None:
     """Heads with aux layers: ids inside the target, and the capture list vLLM reads
     (``eagle_aux_hidden_state_layer_ids``) = those ids + the target's last layer."""
@@ -261,6 +271,7 @@ def validate_heads_dir(heads_dir: str | Path, target_hf_config: Any, target_mode
                 f"heads tensor {name!r} has shape {shapes[name]}, expected {shape} for a target "
                 f"with hidden_size={hidden}")
     _check_aux_layers(path, config, target_hf_config)
+    _check_feedback(path, config)
     if target_model_dir is not None and Path(target_model_dir).is_dir():
         from bebop_vllm.heads import load_heads
 

@@ -136,6 +136,40 @@ def test_unroll_matches_sequential_drafting_exactly(heads: Path, target: Path) -
                 torch.testing.assert_close(qu, q[j], atol=1e-6, rtol=1e-5)
 
 
+def test_normed_feedback_heads_round_trip_and_feed_norm_r_forward(heads: Path, target: Path, tmp_path: Path) -> None:
+    """``feedback = "normed"``: depth j + 1 reads norm(r_j). Saved as ``bebop.feedback`` (absent
+    for residual heads, so older folders keep their meaning), and the trainer's unroll still equals
+    sequential drafting. With a non-uniform final norm the two feedbacks draft differently at
+    depths >= 2 and identically at depth 1."""
+    head = load_heads(heads, target)
+    with torch.no_grad():
+        head.norm.weight.copy_(torch.rand(head.norm.weight.shape, generator=torch.Generator().manual_seed(0)) * 2)
+    normed = load_heads(heads, target)
+    normed.load_state_dict(head.state_dict())
+    normed.shape = normed.shape.with_feedback("normed")
+    assert not head.shape.feeds_back_normed and normed.shape.feeds_back_normed
+    config = json.loads((target / "config.json").read_text())
+    save_heads(normed, tmp_path / "normed", config, head.metadata, dtype="fp32")
+    assert json.loads((tmp_path / "normed" / "config.json").read_text())["bebop"]["feedback"] == "normed"
+    back = load_heads(tmp_path / "normed", target)
+    assert back.shape.feedback == "normed"
+    save_heads(head, tmp_path / "residual", config, head.metadata, dtype="fp32")
+    assert "feedback" not in json.loads((tmp_path / "residual" / "config.json").read_text())["bebop"]
+    model = load_target_model(target)
+    ids = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(1))
+    hidden = final_hidden_states(model, ids[None])[0]
+    outs = back.unroll(ids[1:][None], hidden[:-1][None], 3, first_chain=2)
+    t = 5
+    q_normed = draft_chain_probs(back, hidden, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+    q_residual = draft_chain_probs(head, hidden, ids[: t + 2].tolist(), ids[t + 2 : t + 4].tolist())
+    for j in range(3):
+        torch.testing.assert_close(torch.softmax(back.logits(outs[j][0, t + j]), -1), q_normed[j], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(q_normed[0], q_residual[0])
+    assert 0.5 * (q_normed[1:] - q_residual[1:]).abs().sum(-1).min() > 1e-3
+    with pytest.raises(BebopError, match="bebop.feedback must be one of residual, normed"):
+        head.shape.with_feedback("post-norm")
+
+
 def test_draft_reference_rows_are_distributions(heads: Path, target: Path) -> None:
     rows = draft_reference(target, heads, [5, 6, 7, 8], [9, 10], temperature=0.7)
     assert rows.shape == (3, 128)
@@ -317,3 +351,22 @@ def test_serving_refuses_aux_heads_whose_capture_list_is_wrong(target4: Path, tm
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(BebopSpecError, match=r"eagle_aux_hidden_state_layer_ids is \[1, 3\], expected \[1, 3, 4\]"):
         validate_heads_dir(out, tcfg, str(target4))
+
+
+def test_serving_refuses_an_unknown_feedback(target: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from bebop_vllm.config import BebopSpecError, validate_heads_dir
+
+    out = init_random_heads(target, tmp_path / "heads")
+    tcfg = SimpleNamespace(**json.loads((target / "config.json").read_text()))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["bebop"]["feedback"] = "normed"
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert validate_heads_dir(out, tcfg, str(target)) == 3
+    cfg["bebop"]["feedback"] = "post-norm"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BebopSpecError, match=r"bebop.feedback is 'post-norm', expected one of residual, normed"):
+        validate_heads_dir(out, tcfg, str(target))
+    with pytest.raises(BebopError, match="bebop.feedback must be one of"):
+        load_heads(out, target)

@@ -155,3 +155,22 @@ def test_shape_errors_are_clear() -> None:
         L.e2e_tv_loss(torch.zeros(2, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="mask"):
         L.e2e_tv_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_feature_loss_is_masked_depth_weighted_smooth_l1_with_gradient_on_the_draft_side_only() -> None:
+    gen = torch.Generator().manual_seed(0)
+    draft = (torch.randn(5, 3, 8, generator=gen) * 2).requires_grad_(True)
+    target = (torch.randn(5, 3, 8, generator=gen) * 2).requires_grad_(True)
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    mask[3:, 2] = False
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    got = L.feature_loss(draft, target, mask, weights)
+    per = torch.nn.functional.smooth_l1_loss(draft, target, reduction="none").mean(-1)
+    w = mask * weights
+    assert got.item() == pytest.approx(((per * w).sum() / w.sum()).item(), rel=1e-6)
+    got.backward()
+    assert draft.grad is not None and draft.grad.abs().sum() > 0 and target.grad is None
+    assert not draft.grad[3:, 2].any()  # masked positions get no gradient
+    assert L.feature_loss(target.detach(), target.detach(), mask).item() == 0.0
+    with pytest.raises(ValueError, match=r"two \[N, g, H\] tensors"):
+        L.feature_loss(draft[:, :2], target, mask)

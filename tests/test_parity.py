@@ -22,7 +22,11 @@ compiled with Inductor; ~2 minutes of start-up on 2 cores) on the shipped heads,
 (``enforce_eager=True``, what the benchmarks ran until 2026-12) on the shipped heads changed twice:
 their MLP widened 2x (``widen_mlp``: same function, a draft layer wider than the target's, which
 vLLM must build from the heads' config.json) and their aux projection replaced by a random, non-zero
-one (N(0, 0.1); plain heads get layers 2, 15, 27 first with ``add_aux_layers``). The compiled
+one (N(0, 0.1); plain heads get layers 2, 15, 27 first with ``add_aux_layers``), then switched
+to feeding norm(r) to the next depth (``bebop.feedback = "normed"``, with the final norm's weight
+scaled per channel so the switch matters for any heads). Its control for that switch: the same
+weights feeding r back, equal at depth 1 and different at depths >= 2 (``FEEDBACK_CONTROL_MIN``,
+10x the tolerance: the switch moves deeper drafts by TV ~0.1, less than a wrong wiring). The compiled
 engine also reports that both modules really were compiled, so its parity is not an eager run in
 disguise. The shipped heads (since smollm2-135m-v6) read EAGLE-3-style aux layers (2, 15, 27), so
 both engines serve aux heads: the runner captures the target's aux hidden states and the
@@ -49,6 +53,7 @@ pytestmark = pytest.mark.slow  # starts vLLM engines (subprocesses)
 NUM_SPEC = 3
 TV_TOL = 0.005  # float32 on both sides (see the module docstring)
 CONTROL_MIN = 50 * TV_TOL
+FEEDBACK_CONTROL_MIN = 10 * TV_TOL  # the feedback control changes depths >= 2 only, and less
 DTYPE = "float32"
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 
@@ -125,6 +130,30 @@ def _with_aux_layers(heads: Path, out: Path) -> Path:
     return out
 
 
+def _normed_feedback(heads: Path, out: Path) -> tuple[Path, Path]:
+    """``heads`` feeding norm(r) to the next depth (``bebop.feedback = "normed"``), and the control:
+    the same weights feeding r back. The final norm's weight is scaled by N(1, 0.3) per channel
+    first, so the two feedbacks draft differently at depths >= 2 even for heads whose norm weight
+    is uniform (random heads), where hnorm(norm(r)) = hnorm(r)."""
+    import shutil
+
+    from bebop_vllm.heads.checkpoint import load_heads, save_heads
+
+    head = load_heads(heads, _model_dir())
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(2)
+        head.norm.weight.mul_(1 + 0.3 * torch.randn(head.norm.weight.shape, generator=gen))
+    target_config = json.loads((_model_dir() / "config.json").read_text())
+    residual = save_heads(head, out / "residual", target_config, head.metadata, dtype="fp32")
+    head.shape = head.shape.with_feedback("normed")
+    normed = save_heads(head, out / "normed", target_config, head.metadata, dtype="fp32")
+    for folder in (residual, normed):
+        if (heads / "draft_vocab.json").is_file():
+            shutil.copy(heads / "draft_vocab.json", folder / "draft_vocab.json")
+    assert json.loads((normed / "config.json").read_text())["bebop"]["feedback"] == "normed"
+    return normed, residual
+
+
 def _widened(heads: Path, out: Path) -> Path:
     """``heads`` with the MLP widened 2x (same function; the new units' output weights are 0)."""
     import shutil
@@ -141,7 +170,7 @@ def _widened(heads: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=["eager-widened-aux", "compiled"])
+@pytest.fixture(scope="module", params=["eager-widened-aux-normed", "compiled"])
 def parity(request, tmp_path_factory):
     from bebop_vllm.heads import init_random_heads
     from bebop_vllm.paths import SHIPPED_HEADS_DIR
@@ -159,9 +188,11 @@ def parity(request, tmp_path_factory):
     # controls: heads of another seed (must differ at every depth) and, for the eager engine, the
     # heads before the change (their own aux projection: must differ at some depth)
     controls = [(init_random_heads(_model_dir(), tmp / "other", num_depths=NUM_SPEC, seed=1), "every")]
-    if mode == "eager-widened-aux":
+    if mode == "eager-widened-aux-normed":
         controls.append((Path(heads), "some"))
         heads = _with_aux_layers(_widened(Path(heads), tmp / "widened"), tmp / "aux")
+        heads, residual = _normed_feedback(heads, tmp / "feedback")
+        controls.append((residual, "deeper"))
     out = tmp / "records.json"
     engine_mode = mode.split("-")[0]
     result = run_engine_script(
@@ -199,7 +230,12 @@ def test_draft_distributions_match_reference(parity):
             wrong = _tv(vllm_q, draft_reference(_model_dir(), other, chain, rec["draft_ids"][: NUM_SPEC - 1],
                                                 temperature=1.0))
             print(f"negative control {other.name}: TV {wrong.tolist()}")
-            if where == "some":
+            if where == "deeper":
+                # the same weights feeding r back instead of norm(r): depth 1 is the same
+                # computation, depths >= 2 must differ (measured 0.10-0.16 TV on the shipped
+                # heads with their own norm weight; a bound far above TV_TOL, below that)
+                assert wrong[0] <= TV_TOL and wrong[1:].max() > FEEDBACK_CONTROL_MIN, wrong.tolist()
+            elif where == "some":
                 # the heads without this aux projection (and not widened: the new units add 0):
                 # where the target is nearly certain (code) the features may barely move depth 1,
                 # so the difference must show at some depth

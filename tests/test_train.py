@@ -459,3 +459,48 @@ def test_training_adds_aux_layers_to_a_head_and_saves_them(setup: tuple[Path, Pa
         train(_cfg(setup, tmp_path / "x", steps=1, aux_lr_scale=10.0))
     with pytest.raises(BebopError, match=r"reads aux layers \[1\]; --aux-layers \[2\] cannot change them"):
         train(_cfg(setup, tmp_path / "aux2", steps=1, init_from=tmp_path / "aux", aux_layer_ids=(2,)))
+
+
+def test_feature_loss_trains_normed_feedback_heads_and_lowers_the_feature_error(
+    setup: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``feature_weight`` > 0 adds SmoothL1(norm(r_j), h_{t+j}); ``feedback="normed"`` switches an
+    ``init_from`` head to feed norm(r) forward, and the written folder says so (the engine reads it)."""
+    target, data = setup
+    plain = train(_cfg(setup, tmp_path / "plain", steps=3))
+    assert plain is not None and "feedback" not in json.loads((tmp_path / "plain" / "config.json").read_text())["bebop"]
+    meta = train(_cfg(setup, tmp_path / "feat", steps=30, init_from=tmp_path / "plain", feature_weight=1.0,
+                      feedback="normed", loss="kl"))
+    assert meta is not None and "feedback residual -> normed" in meta.notes and "feature loss weight 1.0" in meta.notes
+    assert json.loads((tmp_path / "feat" / "config.json").read_text())["bebop"]["feedback"] == "normed"
+    head = load_heads(tmp_path / "feat", target)
+    assert head.shape.feedback == "normed"
+    log = json.loads((tmp_path / "feat" / "train_log.json").read_text())["history"]
+    feats = [h["feature_loss"] for h in log if "feature_loss" in h]
+    assert len(feats) == 30 and sum(feats[-5:]) < sum(feats[:5]), feats  # the regression learns
+    # resuming keeps the switched feedback (it is part of the saved shape's config, not the state)
+    again = load_heads(tmp_path / "feat", target)
+    assert again.shape.feeds_back_normed
+
+
+def test_vocab_chains_features_pair_each_depth_with_the_target_state_it_predicts(setup: tuple[Path, Path]) -> None:
+    """Depth j of chain t is scored against softmax(lm_head(h_{t+j})): with features, the pair is
+    (norm(r_j), h_{t+j}), and the draft side's lm_head projection is the draft logits."""
+    from bebop_vllm.train.chains import vocab_chains
+
+    target, data = setup
+    held, cache = _heldout_with_cache(target, data)
+    head = new_head(target, seed=0)
+    tokens = torch.from_numpy(held.sequence(0).astype("int64"))
+    hidden, lse = cache.hidden(0), cache.log_normaliser(0)
+    b = vocab_chains(head, tokens, hidden, lse, 5, 3, 1.0, with_features=True)
+    assert b.draft_features is not None and b.target_features is not None
+    assert b.draft_features.shape == b.target_features.shape == (len(tokens) - 1 - 5, 3, hidden.shape[1])
+    torch.testing.assert_close(b.draft_features @ head.lm_head_weight.T, b.draft_logits)
+    for t, j in ((5, 0), (9, 2), (12, 1)):
+        torch.testing.assert_close(b.target_features[t - 5, j], hidden[t + j + 1].to(b.target_features.dtype))
+        # the target distribution of that depth is the one of the same hidden state
+        p = torch.softmax(hidden[t + j + 1].float() @ head.lm_head_weight.float().T, -1)
+        torch.testing.assert_close(b.target_probs[t - 5, j], p, atol=1e-5, rtol=1e-4)
+    plain = vocab_chains(head, tokens, hidden, lse, 5, 3, 1.0)
+    assert plain.draft_features is None and plain.target_features is None

@@ -154,6 +154,21 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="learning rate of the aux input path (its projection and norms) as a multiple of --lr, e.g. 10 "
         "when aux layers are added to trained heads fine-tuned at a small --lr (default: 1)",
     )
+    p.add_argument(
+        "--feature-loss-weight",
+        type=float,
+        default=0.0,
+        help="add w x SmoothL1(norm(r_j), h_{t+j}) to the loss: each depth's features regressed on the target's "
+        "next hidden state, EAGLE-style (default: 0, off)",
+    )
+    p.add_argument(
+        "--feedback",
+        choices=["residual", "normed"],
+        default=None,
+        help="what a depth hands the next in place of the target's hidden state: the layer's pre-norm output r "
+        "(residual) or norm(r) (normed, the target's space; pairs with --feature-loss-weight). Saved in the "
+        "heads' config.json and followed by the engine. Default: that of --init-from, else residual",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out/train_state.pt if present")
     p.add_argument(
         "--no-target-pass",
@@ -174,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("depth", "steps", "chains_per_step", "eval_every", "eval_sequences", "save_every"):
         if getattr(args, name) < 1:
             raise BebopError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.feature_loss_weight < 0:
+        raise BebopError(f"--feature-loss-weight must be >= 0, got {args.feature_loss_weight}")
     if args.aux_lr_scale <= 0:
         raise BebopError(f"--aux-lr-scale must be > 0, got {args.aux_lr_scale}")
     if args.end_at_step is not None and not 1 <= args.end_at_step <= args.steps:
@@ -219,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
         head_intermediate_size=args.head_intermediate_size,
         aux_layer_ids=args.aux_layers,
         aux_lr_scale=args.aux_lr_scale,
+        feature_weight=args.feature_loss_weight,
+        feedback=args.feedback,
         target_pass=not args.no_target_pass,
     )
     meta = train(cfg)

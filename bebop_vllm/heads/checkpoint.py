@@ -65,13 +65,16 @@ def head_config(
     num_depths: int,
     intermediate_size: int | None = None,
     aux_layer_ids: tuple[int, ...] = (),
+    feedback: str = "residual",
 ) -> dict[str, Any]:
     """The head's ``config.json``: the target's HF config, as a one-layer ``BebopMTPModel``.
     ``intermediate_size``: the head's MLP width where it differs from the target's (a widened
     head, :func:`widen_mlp`); vLLM builds the draft layer from this config, so it serves as is.
     ``aux_layer_ids``: an aux head's target layers (``bebop.aux_layer_ids``); serving captures
     them plus the final layer's output (``eagle_aux_hidden_state_layer_ids``, the key vLLM's
-    runner reads, gpu_model_runner.py:5251 ``_get_eagle3_aux_layers_from_config``, vLLM 0.32)."""
+    runner reads, gpu_model_runner.py:5251 ``_get_eagle3_aux_layers_from_config``, vLLM 0.32).
+    ``feedback``: ``"normed"`` heads feed norm(r) to the next depth (``bebop.feedback``; absent
+    means ``"residual"``, so older folders keep their meaning)."""
     num_layers = int(target_config["num_hidden_layers"])
     aux_layer_ids = check_aux_layer_ids(aux_layer_ids, num_layers)
     cfg = copy.deepcopy(target_config)
@@ -87,6 +90,8 @@ def head_config(
     if aux_layer_ids:
         cfg["bebop"]["aux_layer_ids"] = list(aux_layer_ids)
         cfg["eagle_aux_hidden_state_layer_ids"] = [*aux_layer_ids, num_layers]
+    if feedback != "residual":
+        cfg["bebop"]["feedback"] = feedback
     return cfg
 
 
@@ -102,7 +107,8 @@ def save_heads(
     missing = set(expected_tensor_shapes(head.shape)) ^ set(tensors)
     assert not missing, f"head state_dict does not match the format: {sorted(missing)}"
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bebop_format_version": str(FORMAT_VERSION)})
-    config = head_config(target_config, metadata.num_depths, head.shape.intermediate_size, head.shape.aux_layer_ids)
+    config = head_config(target_config, metadata.num_depths, head.shape.intermediate_size, head.shape.aux_layer_ids,
+                         head.shape.feedback)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     write_metadata(out, metadata)
     return out

@@ -5,8 +5,9 @@
     logits = lm_head(norm(r))                                    # target's frozen lm_head
 
 At position p the depth-1 input is (token x_{p+1}, target hidden h_p) and it predicts
-x_{p+2}. Depth j > 1 is recursive: the previous depth's ``r`` (before ``norm``) replaces the
-target hidden state and the drafted token feeds the embedding.
+x_{p+2}. Depth j > 1 is recursive: the previous depth's ``r`` (before ``norm``; or ``norm(r)``
+for heads with ``HeadShape.feedback == "normed"``) replaces the target hidden state and the
+drafted token feeds the embedding.
 
 The decoder layer is written out here (not borrowed from transformers) because training needs
 a custom attention pattern (``unroll``) that reproduces vLLM's draft KV cache exactly.
@@ -37,6 +38,8 @@ from torch import nn
 
 from bebop_vllm.errors import BebopError
 
+FEEDBACK_KINDS = ("residual", "normed")
+
 
 @dataclass(frozen=True)
 class HeadShape:
@@ -55,6 +58,10 @@ class HeadShape:
     # EAGLE-3-style target features the head reads besides h_t (vLLM aux-hidden-state ids: id i
     # is the residual stream after target layer i - 1); () for a head that reads h_t alone
     aux_layer_ids: tuple[int, ...] = ()
+    # what depth j hands depth j + 1 in place of the target's hidden state: "residual" (the
+    # layer's pre-norm output r, the original bebop heads) or "normed" (norm(r): the space of
+    # the target's post-norm h, EAGLE-style; heads trained with a feature loss read it)
+    feedback: str = "residual"
 
     @property
     def rotary_dim(self) -> int:
@@ -102,7 +109,9 @@ class HeadShape:
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             layer_kind=kind,
             partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
-        ).with_aux_layers((cfg.get("bebop") or {}).get("aux_layer_ids") or ())
+        ).with_aux_layers((cfg.get("bebop") or {}).get("aux_layer_ids") or ()).with_feedback(
+            (cfg.get("bebop") or {}).get("feedback") or "residual"
+        )
 
     def with_aux_layers(self, aux_layer_ids: Sequence[int]) -> HeadShape:
         """This shape reading the target layers ``aux_layer_ids`` too (Llama heads only: Qwen3.5
@@ -111,6 +120,17 @@ class HeadShape:
         if ids and self.layer_kind != "llama":
             raise BebopError("multi-layer (aux) target features are supported for Llama-family heads only")
         return dataclasses.replace(self, aux_layer_ids=ids)
+
+    def with_feedback(self, feedback: str) -> HeadShape:
+        """This shape feeding ``feedback`` ("residual" or "normed") to the next depth. Qwen3.5
+        heads always feed back norm(r) (vLLM's method "mtp" does), whatever their config says."""
+        if feedback not in FEEDBACK_KINDS:
+            raise BebopError(f"bebop.feedback must be one of {', '.join(FEEDBACK_KINDS)}, got {feedback!r}")
+        return dataclasses.replace(self, feedback=feedback)
+
+    @property
+    def feeds_back_normed(self) -> bool:
+        return self.is_qwen3_5 or self.feedback == "normed"
 
 
 def check_aux_layer_ids(aux_layer_ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -318,9 +338,10 @@ class BebopMTPHead(nn.Module):
 
     def next_hidden(self, residual: torch.Tensor) -> torch.Tensor:
         """What depth j hands depth j + 1 in place of the target's hidden state: the residual
-        ``r`` (bebop's proposer) or, for Qwen3.5 native MTP, ``norm(r)`` (vLLM's method "mtp"
-        feeds back the model's single, normed output)."""
-        return self.norm(residual) if self.shape.is_qwen3_5 else residual
+        ``r`` (bebop's proposer, ``shape.feedback == "residual"``) or ``norm(r)`` (heads with
+        ``feedback == "normed"``, and Qwen3.5 native MTP: vLLM's method "mtp" feeds back the
+        model's single, normed output)."""
+        return self.norm(residual) if self.shape.feeds_back_normed else residual
 
     @property
     def feature_width(self) -> int:

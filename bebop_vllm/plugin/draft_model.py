@@ -150,15 +150,20 @@ class BebopHeadModel(nn.Module):
             )
             self.target_norm = RMSNorm(hidden, eps=eps)  # the target's final norm (a copy in the heads file)
 
+        self.feedback_normed = ((getattr(config, "bebop", None) or {}).get("feedback") or "residual") == "normed"
         # Set by the draft_kv_only patch around a proposer pass that drafts nothing (K = 0).
         self.kv_only = False
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(r), what the next depth reads): r itself, or norm(r) for heads trained with
+        ``bebop.feedback = "normed"`` (``BebopMTPHead.next_hidden``). The flag is fixed per
+        engine, so the compiled graph specialises on it."""
         x, residual = self.layer(positions, self.fuse_inputs(input_ids, hidden_states), None)
         out = x + residual
-        return self.norm(out), out
+        normed = self.norm(out)
+        return normed, (normed if self.feedback_normed else out)
 
     def combine_hidden_states(self, features: torch.Tensor) -> torch.Tensor:
         """The runner's captured target states [T, (n + 1) H] = [a_1, .., a_n, r_last] (the

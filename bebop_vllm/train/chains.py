@@ -22,6 +22,10 @@ class ChainBatch:
     target_ids: torch.Tensor  # [N, g] the sampled token each depth predicts (-1 past the end)
     mask: torch.Tensor  # [N, g] bool: depth exists (input token and target distribution exist)
     ce_mask: torch.Tensor  # [N, g] bool: ... and its label exists
+    # feature loss (``vocab_chains(..., with_features=True)``): norm(r_j) [N, g, H] (with grad)
+    # and the target's post-norm hidden state h_{t+j} at the position depth j predicts from
+    draft_features: torch.Tensor | None = None
+    target_features: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -84,6 +88,7 @@ def vocab_chains(
     vocab_ids: torch.Tensor | None = None,
     lm_head_rows: torch.Tensor | None = None,
     head_input: torch.Tensor | None = None,
+    with_features: bool = False,
 ) -> ChainBatch:
     """Every chain t in [``first_chain``, L - 2] of one sequence, with logits and target
     probabilities over the draft vocabulary D only (the trainer's fast path).
@@ -98,6 +103,9 @@ def vocab_chains(
     ``head_input`` [L, H'] is what the head reads at each position in place of ``hidden``
     (default: ``hidden``), e.g. ``hidden`` with auxiliary target features appended for a head
     whose ``unroll`` combines them; the target's distributions always come from ``hidden``.
+    ``with_features``: also return norm(r_j) and the target's h_{t+j} (the feature loss's pair:
+    depth j of chain t is scored against the target's distribution at t + j, whose logits are
+    lm_head(h_{t+j}); the draft's are lm_head(norm(r_j))).
     """
     length = tokens.shape[0]
     starts = torch.arange(max(first_chain, 0), length - 1)
@@ -109,10 +117,12 @@ def vocab_chains(
     mask = pos <= length - 2
     pos = pos.clamp(max=length - 2)
     residual = torch.stack([outs[j][0, pos[:, j]] for j in range(num_depths)], dim=1)  # [N, g, H]
-    normed = head.norm(residual)
-    if temperature != 1.0:  # divide the [N, g, H] input, not the [N, g, |D|] logits
-        normed = normed / temperature
+    features = head.norm(residual)
+    normed = features / temperature if temperature != 1.0 else features  # [N, g, H], not [N, g, |D|]
     draft_logits = normed @ w.to(normed.dtype).T
+    target_features = None
+    if with_features:
+        target_features = hidden[(starts[:, None] + depth[None, :]).clamp(max=length - 1)]
     with torch.no_grad():
         # depth j of chain t is scored against the target's distribution at position t + j:
         # rows t + 1 .. t + g of one [n, |D|] table, so target_probs is a strided view of it
@@ -132,4 +142,5 @@ def vocab_chains(
             labels = index[labels]
             ce_mask &= labels >= 0
         target_ids = torch.where(ce_mask, labels, -1)
-    return ChainBatch(draft_logits, target_probs, target_ids, mask, ce_mask)
+    return ChainBatch(draft_logits, target_probs, target_ids, mask, ce_mask,
+                      features if with_features else None, target_features)

@@ -211,4 +211,25 @@ def hybrid_loss(
     return _masked_mean(per, m, depth_weights)
 
 
+def feature_loss(
+    draft_features: torch.Tensor,
+    target_features: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    depth_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EAGLE-style feature regression: SmoothL1(norm(r_j), h_{t+j}) averaged over the hidden
+    dimension, then the masked (depth-weighted) mean over (chain, depth). ``draft_features`` and
+    ``target_features`` [N, g, H]; the target side is stop-gradient. Both sit in the space the
+    lm_head reads, so a head that matches h_{t+j} also matches the target's distribution, and a
+    head that feeds norm(r_j) to the next depth (``feedback = "normed"``) hands it a target-like
+    input."""
+    if draft_features.dim() != 3 or draft_features.shape != target_features.shape:
+        raise ValueError(f"feature_loss wants two [N, g, H] tensors; got {tuple(draft_features.shape)} "
+                         f"and {tuple(target_features.shape)}")
+    per = torch.nn.functional.smooth_l1_loss(
+        draft_features.float(), target_features.detach().float(), reduction="none").mean(-1)
+    m = torch.ones(per.shape, dtype=torch.bool, device=per.device) if mask is None else mask
+    return _masked_mean(per, m, depth_weights)
+
+
 LOSSES = ("ce", "kl", "tv", "e2e-tv", "hybrid")

@@ -86,6 +86,8 @@ class TrainConfig:
     head_intermediate_size: int | None = None  # the head's MLP width (None: the target's, or init_from's)
     aux_layer_ids: tuple[int, ...] = ()  # EAGLE-3-style target layers the head also reads (() : init_from's)
     aux_lr_scale: float = 1.0  # learning rate of the aux input path (aux_fc, aux_norms) relative to --lr
+    feature_weight: float = 0.0  # weight of the EAGLE-style feature loss SmoothL1(norm(r_j), h_{t+j}) (0: off)
+    feedback: str | None = None  # what a depth hands the next, "residual" / "normed" (None: init_from's or residual)
     target_pass: bool = True  # False: train only on train sequences whose target pass is cached
     progress: bool = True
     extra: dict = field(default_factory=dict)
@@ -260,11 +262,17 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         for g_ in opt.param_groups:
             g_["lr"] = lr_at(step, cfg) * g_.get("lr_scale", 1.0)
         total_loss, alpha_sum, alpha_cnt = 0.0, torch.zeros(cfg.num_depths), torch.zeros(cfg.num_depths)
+        feature_sum = 0.0
         for i in batch:  # gradient accumulation, one sequence at a time, weighted by its chains
             tokens = torch.from_numpy(train_set.sequence(i).astype(np.int64))
             with autocast:
                 b = _chains(head, train_set, train_cache, i, tokens, cfg, vocab_ids, lm_rows)
                 loss = loss_of(cfg.loss, b, depth_weights)
+                if cfg.feature_weight:
+                    assert b.draft_features is not None and b.target_features is not None
+                    feat = losses.feature_loss(b.draft_features, b.target_features, b.mask, depth_weights)
+                    feature_sum += feat.item() * chain_count(train_set, i, cfg.train_on_prompts) / n_chains
+                    loss = loss + cfg.feature_weight * feat
             share = chain_count(train_set, i, cfg.train_on_prompts) / n_chains
             (loss * share).backward()
             total_loss += loss.item() * share
@@ -288,6 +296,8 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
                 "alpha": [round(x, 4) for x in alpha.tolist()],
             }
         )
+        if cfg.feature_weight:
+            history[-1]["feature_loss"] = round(feature_sum, 5)
         rate = (chains_seen - chains_at_start) / max(time.time() - t_start, 1e-9)
         bar.set_postfix(
             loss=f"{total_loss:.4f}", alpha="/".join(f"{x:.3f}" for x in running.tolist()), cps=f"{rate:.0f}"
@@ -378,6 +388,7 @@ def _chains(
         vocab_ids,
         lm_rows,
         head_input=cache.features(i) if cache.aux_layer_ids else None,
+        with_features=cfg.feature_weight > 0,
     )
 
 
@@ -396,8 +407,21 @@ def param_groups(head: BebopMTPHead, cfg: TrainConfig) -> list[dict]:
 
 
 def _initial_head(cfg: TrainConfig) -> tuple[BebopMTPHead, str]:
-    """The head training starts from, and a note saying how it was made: ``init_from`` (widened
-    and/or given aux layers, both function-preserving, when asked) or the identity start."""
+    """The head training starts from (``_start_head``, then ``feedback`` if asked), and a note
+    saying how it was made."""
+    head, note = _start_head(cfg)
+    if cfg.feedback is not None and cfg.feedback != head.shape.feedback:
+        # not function-preserving at depths >= 2 (they read norm(r) instead of r, or back)
+        note += f"feedback {head.shape.feedback} -> {cfg.feedback}; "
+        head.shape = head.shape.with_feedback(cfg.feedback)
+    if cfg.feature_weight:
+        note += f"feature loss weight {cfg.feature_weight}; "
+    return head, note
+
+
+def _start_head(cfg: TrainConfig) -> tuple[BebopMTPHead, str]:
+    """``init_from`` (widened and/or given aux layers, both function-preserving, when asked) or
+    the identity start."""
     if cfg.init_from is None:
         head = new_head(cfg.model_dir, seed=cfg.seed, warm_start=True, intermediate_size=cfg.head_intermediate_size,
                         aux_layer_ids=cfg.aux_layer_ids)
