@@ -60,6 +60,8 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        # preloaded allocator / OpenMP runtime (tcmalloc, Intel OpenMP): they change CPU step times
+        "ld_preload": [Path(p).name for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()],
     }
     try:
         import torch
@@ -86,5 +88,6 @@ def describe_machine(info: dict[str, object]) -> str:
         return str(info)
     flags = " ".join(str(f) for f in info.get("cpu_flags", []))  # type: ignore[union-attr]
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ""
-    return (f"{info.get('cpu_model')}, {info.get('cpu_count')} cores, "
-            f"{'native bf16' if info.get('cpu_has_bf16') else 'no bf16 instructions'}{gpu}; CPU flags: {flags}")
+    preload = f"; LD_PRELOAD: {', '.join(info['ld_preload'])}" if info.get("ld_preload") else ""  # type: ignore[arg-type]
+    bf16 = "native bf16" if info.get("cpu_has_bf16") else "no bf16 instructions"
+    return f"{info.get('cpu_model')}, {info.get('cpu_count')} cores, {bf16}{gpu}; CPU flags: {flags}{preload}"

@@ -132,3 +132,15 @@ def test_fast_engine_dtype_follows_the_cpus_bf16_flags() -> None:
     assert cpu_has_bf16("flags\t: fpu amx_bf16 amx_tile\n")
     assert not cpu_has_bf16("flags\t: fpu sse avx2 fma\n")  # AVX2-only: bf16 is emulated
     assert not cpu_has_bf16("")
+
+
+def test_machine_info_records_preloaded_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Benchmarks record LD_PRELOAD (an allocator or OpenMP runtime changes CPU step times)."""
+    from bebop_vllm.hardware import describe_machine, machine_info
+
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4:/venv/lib/libiomp5.so")
+    info = machine_info()
+    assert info["ld_preload"] == ["libtcmalloc_minimal.so.4", "libiomp5.so"]
+    assert describe_machine(info).endswith("; LD_PRELOAD: libtcmalloc_minimal.so.4, libiomp5.so")
+    monkeypatch.delenv("LD_PRELOAD")
+    assert machine_info()["ld_preload"] == [] and "LD_PRELOAD" not in describe_machine(machine_info())
