@@ -228,8 +228,7 @@ def feature_loss(
                          f"and {tuple(target_features.shape)}")
     per = torch.nn.functional.smooth_l1_loss(
         draft_features.float(), target_features.detach().float(), reduction="none").mean(-1)
-    m = torch.ones(per.shape, dtype=torch.bool, device=per.device) if mask is None else mask
-    return _masked_mean(per, m, depth_weights)
+    return _masked_mean(per, _full_mask(draft_features, mask), depth_weights)
 
 
 LOSSES = ("ce", "kl", "tv", "e2e-tv", "hybrid")

@@ -265,15 +265,15 @@ def train(cfg: TrainConfig) -> HeadMetadata | None:
         feature_sum = 0.0
         for i in batch:  # gradient accumulation, one sequence at a time, weighted by its chains
             tokens = torch.from_numpy(train_set.sequence(i).astype(np.int64))
+            share = chain_count(train_set, i, cfg.train_on_prompts) / n_chains
             with autocast:
                 b = _chains(head, train_set, train_cache, i, tokens, cfg, vocab_ids, lm_rows)
                 loss = loss_of(cfg.loss, b, depth_weights)
                 if cfg.feature_weight:
                     assert b.draft_features is not None and b.target_features is not None
                     feat = losses.feature_loss(b.draft_features, b.target_features, b.mask, depth_weights)
-                    feature_sum += feat.item() * chain_count(train_set, i, cfg.train_on_prompts) / n_chains
+                    feature_sum += feat.item() * share
                     loss = loss + cfg.feature_weight * feat
-            share = chain_count(train_set, i, cfg.train_on_prompts) / n_chains
             (loss * share).backward()
             total_loss += loss.item() * share
             with torch.no_grad():
