@@ -380,6 +380,10 @@ def test_evaluate_reads_an_aux_heads_features(setup: tuple[Path, Path], tmp_path
                                                                                progress=False)
 
 
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
 def test_make_heads_chains_its_stages() -> None:
     import argparse
 
@@ -388,18 +392,49 @@ def test_make_heads_chains_its_stages() -> None:
     args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,kl-more,e2e-tv,aux-tv")
     plan = dict(commands(args))
     assert list(plan) == ["kl", "kl-all", "kl-more", "e2e-tv", "aux-tv"]
-
-    def flag(argv: list[str], name: str) -> str | None:
-        return argv[argv.index(name) + 1] if name in argv else None
-
-    assert flag(plan["kl"], "--init-from") is None  # the identity start
-    assert flag(plan["kl-all"], "--init-from") == flag(plan["kl"], "--out") == "heads/x-kl"
-    assert flag(plan["kl-more"], "--init-from") == flag(plan["kl-all"], "--out") == "heads/x-kl-all"
-    assert flag(plan["e2e-tv"], "--init-from") == flag(plan["kl-more"], "--out") == "heads/x-kl-more"
-    assert flag(plan["aux-tv"], "--init-from") == flag(plan["e2e-tv"], "--out") == "heads/x-e2e-tv"
-    assert flag(plan["aux-tv"], "--out") == "heads/x" and flag(plan["aux-tv"], "--aux-layers") == "2,15,27"
+    assert _flag(plan["kl"], "--init-from") is None  # the identity start
+    assert _flag(plan["kl-all"], "--init-from") == _flag(plan["kl"], "--out") == "heads/x-kl"
+    assert _flag(plan["kl-more"], "--init-from") == _flag(plan["kl-all"], "--out") == "heads/x-kl-all"
+    assert _flag(plan["e2e-tv"], "--init-from") == _flag(plan["kl-more"], "--out") == "heads/x-kl-more"
+    assert _flag(plan["aux-tv"], "--init-from") == _flag(plan["e2e-tv"], "--out") == "heads/x-e2e-tv"
+    assert _flag(plan["aux-tv"], "--out") == "heads/x" and _flag(plan["aux-tv"], "--aux-layers") == "2,15,27"
     with pytest.raises(BebopError, match="unknown stage"):
         commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))
+
+
+def test_make_heads_features_recipe() -> None:
+    """The candidate recipe: one KL stage from the identity start with aux layers, normed feedback and
+    the feature loss, then the e2e-TV fine-tune into OUT; the train data are the seed-7 sample."""
+    import argparse
+
+    from bebop_vllm.commands.make_heads import commands
+
+    args = argparse.Namespace(out=Path("heads/y"), data=None, model=None, recipe="features", stages=None)
+    plan = dict(commands(args))
+    assert list(plan) == ["heldout", "train-data", "kl-features", "e2e-tv"]
+    kl, tv = plan["kl-features"], plan["e2e-tv"]
+    assert _flag(kl, "--init-from") is None and _flag(kl, "--out") == "heads/y-kl-features"
+    assert (_flag(kl, "--aux-layers"), _flag(kl, "--feedback"), _flag(kl, "--feature-loss-weight")) == (
+        "2,15,27", "normed", "1")  # fmt: skip
+    assert _flag(tv, "--init-from") == "heads/y-kl-features" and _flag(tv, "--out") == "heads/y"
+    assert _flag(tv, "--loss") == "e2e-tv" and _flag(plan["train-data"], "--seed") == "7"
+    with pytest.raises(BebopError, match="recipe 'features'"):  # the v6 stage names are not this recipe's
+        commands(argparse.Namespace(out=Path("h"), data=None, model=None, recipe="features", stages="kl"))
+
+
+@pytest.mark.parametrize("recipe", ["v6", "features"])
+def test_make_heads_stages_parse(recipe: str) -> None:
+    """Every stage's command line is accepted by the real ``bebop`` parser (a typo in a recipe fails
+    here, not hours into a run)."""
+    import argparse
+
+    from bebop_vllm.cli import build_parser
+    from bebop_vllm.commands.make_heads import commands
+
+    parser = build_parser()
+    for _, argv in commands(argparse.Namespace(out=Path("heads/z"), data=None, model=None, recipe=recipe, stages=None)):
+        parsed = parser.parse_args(argv)
+        assert parsed.command == argv[0]
 
 
 def test_target_pass_caches_aux_features_without_recounting_the_mass(setup: tuple[Path, Path], tmp_path: Path) -> None:
