@@ -539,3 +539,30 @@ def test_vocab_chains_features_pair_each_depth_with_the_target_state_it_predicts
         torch.testing.assert_close(b.target_probs[t - 5, j], p, atol=1e-5, rtol=1e-4)
     plain = vocab_chains(head, tokens, hidden, lse, 5, 3, 1.0)
     assert plain.draft_features is None and plain.target_features is None
+
+
+class _CharTokenizer:
+    """Stands in for a chat tokenizer in ``select_prompts``: one id per character (mod 64)."""
+
+    def apply_chat_template(self, messages: list, tokenize: bool, add_generation_prompt: bool) -> str:  # noqa: ARG002
+        return " ".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)[:40]
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> object:  # noqa: ARG002
+        return type("Encoding", (), {"input_ids": [ord(c) % 64 for c in text]})()
+
+
+def test_generate_split_grows_and_records_the_larger_plan(tmp_path: Path) -> None:
+    """A rerun with more prompts per domain keeps the sequences it has, appends the new ones, and its
+    metadata says what the split now holds (it kept the first run's limit before 2026-12-07)."""
+    from bebop_vllm.train.generate import generate_split
+
+    def grow(limit: int) -> SequenceSet:
+        return generate_split(object(), _CharTokenizer(), "train", ["math"], limit, 512, 8, [1.0], 7,
+                              tmp_path / "model", tmp_path, chunk=3, engine="prompts")  # fmt: skip
+
+    small = grow(2)
+    big = grow(5)
+    assert (len(small), len(big)) == (2, 5)
+    assert all((big.sequence(i) == small.sequence(i)).all() for i in range(2))
+    assert big.meta["limit_per_domain"] == 5 and big.meta["num_sequences"] == 5
+    assert [it["sample"] for it in big.meta["items"]] == [0] * 5

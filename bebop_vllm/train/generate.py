@@ -105,7 +105,13 @@ def generate_split(
         old = load_split(out_dir, split)
         same = {k: old.meta.get(k) for k in ("max_new_tokens", "seed", "model")}
         if same == {"max_new_tokens": max_new_tokens, "seed": seed, "model": str(model_dir)}:
-            meta = old.meta | {"samples_per_prompt": samples, "temperatures": temperatures}
+            # the plan may have grown (more prompts or samples): record this call's, which covers the old
+            meta = old.meta | {
+                "samples_per_prompt": samples,
+                "temperatures": temperatures,
+                "limit_per_domain": limit_per_domain,
+                "max_prompt_tokens": max_prompt_tokens,
+            }
             sequences = [old.sequence(i).tolist() for i in range(len(old))]
             prompt_lens, temps = old.prompt_lens.tolist(), old.temperatures.tolist()
     # what is done: (prompt id, sample index); items of older runs carry no sample index,
