@@ -10,8 +10,12 @@ held-out prompts: compare their levels, not their third decimal.
 
     H=benchmarks/results/heads_training
     python benchmarks/plot_learning_curves.py \\
-        "v6 recipe, KL stages=$H/kl_train_log.json,$H/v4_kl_train_log.json,$H/v5_kl_train_log.json" \\
-        "features recipe, KL=$BEBOP_HOME/runs/v7-kl-features" --out $H/kl_features_vs_v6_recipe.png
+        "v6 recipe (KL x3, e2e-TV, aux-TV)=$H/kl_train_log.json,$H/v4_kl_train_log.json,\\
+$H/v5_kl_train_log.json,heads/smollm2-135m-v5,heads/smollm2-135m-v6" \\
+        "features recipe: KL, e2e-TV (v7)=$H/v7_kl_features_train_log.json,heads/smollm2-135m-v7" \\
+        --out $H/v7_vs_v6_recipe.png
+
+(A label may not contain "=".)
 """
 
 from __future__ import annotations

@@ -62,9 +62,10 @@ def test_heads_use_the_target_hidden_state(head, chains) -> None:  # noqa: ANN00
     """Ablation: zeroing h_t (and the aux layers' features, for heads that read them) must cost
     most of the depth-1 acceptance (the issue's goal).
 
-    Measured for the shipped heads (smollm2-135m-v6): alpha_1 0.548 with the target's features,
-    0.235 with them zeroed, 0.537 with only the aux layers' features zeroed (they add ~0.01: a
-    small projection learnt in one fine-tune). smollm2-135m-v5: 0.518 with h_t, 0.224 with h_t
+    Measured for the shipped heads (smollm2-135m-v7): alpha_1 0.560 with the target's features,
+    0.212 with them zeroed, 0.456 with only the aux layers' features zeroed (trained with them from
+    the first step, they carry ~0.10). smollm2-135m-v6: 0.548 / 0.235 / 0.537 (its aux layers, added
+    in one fine-tune, added ~0.01). smollm2-135m-v5: 0.518 with h_t, 0.224 with h_t
     zeroed: the hidden state carries ~57 % of it (smollm2-135m-v4: 0.487 / 0.198, ~59 %;
     smollm2-135m-v3: 0.426 / 0.249, ~42 %;
     smollm2-135m-kl-then-e2e-tv: 0.407 / 0.269; the heads before them: 0.300 / 0.216). The

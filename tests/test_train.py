@@ -389,7 +389,8 @@ def test_make_heads_chains_its_stages() -> None:
 
     from bebop_vllm.commands.make_heads import commands
 
-    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, stages="kl,kl-all,kl-more,e2e-tv,aux-tv")
+    args = argparse.Namespace(out=Path("heads/x"), data=None, model=None, recipe="v6",
+                              stages="kl,kl-all,kl-more,e2e-tv,aux-tv")
     plan = dict(commands(args))
     assert list(plan) == ["kl", "kl-all", "kl-more", "e2e-tv", "aux-tv"]
     assert _flag(plan["kl"], "--init-from") is None  # the identity start
@@ -399,16 +400,18 @@ def test_make_heads_chains_its_stages() -> None:
     assert _flag(plan["aux-tv"], "--init-from") == _flag(plan["e2e-tv"], "--out") == "heads/x-e2e-tv"
     assert _flag(plan["aux-tv"], "--out") == "heads/x" and _flag(plan["aux-tv"], "--aux-layers") == "2,15,27"
     with pytest.raises(BebopError, match="unknown stage"):
-        commands(argparse.Namespace(out=Path("h"), data=None, model=None, stages="kl,nope"))
+        commands(argparse.Namespace(out=Path("h"), data=None, model=None, recipe="v6", stages="kl,nope"))
 
 
 def test_make_heads_features_recipe() -> None:
-    """The candidate recipe: one KL stage from the identity start with aux layers, normed feedback and
-    the feature loss, then the e2e-TV fine-tune into OUT; the train data are the seed-7 sample."""
+    """The default recipe (the shipped v7): one KL stage from the identity start with aux layers, normed
+    feedback and the feature loss, then the e2e-TV fine-tune into OUT; the train data are the seed-7 sample."""
     import argparse
 
+    from bebop_vllm.cli import build_parser
     from bebop_vllm.commands.make_heads import commands
 
+    assert build_parser().parse_args(["make-heads", "--out", "heads/y"]).recipe == "features"
     args = argparse.Namespace(out=Path("heads/y"), data=None, model=None, recipe="features", stages=None)
     plan = dict(commands(args))
     assert list(plan) == ["heldout", "train-data", "kl-features", "e2e-tv"]

@@ -3,23 +3,22 @@
 A recipe is an ordered list of stages, each one resumable on its own, so a rerun continues where
 the last run stopped. Two recipes (``--recipe``):
 
-``v6`` (default: what made the shipped ``smollm2-135m-v6``):
+``features`` (default: what made the shipped ``smollm2-135m-v7``):
 
 1. ``heldout``: vLLM samples the held-out prompts (evaluation only, never trained on);
-2. ``train-data``: vLLM samples the train prompts of the three domains;
-3. ``kl``: KL training from the identity start over the probability-ranked draft vocabulary, on
-   the first 2,600 train sequences (its first run is the target pass: the target's hidden states,
-   log-normalisers and per-token mass, cached once), then continued on all of them (``kl-all``)
-   and once more (``kl-more``): the order the shipped heads were made in, one work session each;
-4. ``e2e-tv``: e2e-TV fine-tune of the KL heads (the paper's loss as a fine-tuning objective);
-5. ``aux-tv``: the e2e-TV heads gain EAGLE-3-style features of the target's layers 2, 15 and 27
-   (added function-preservingly; the target pass caches those layers for the first 1,792 train
-   sequences) and are fine-tuned with e2e-TV once more.
+2. ``train-data``: vLLM samples the train prompts of the three domains (``--seed 7``);
+3. ``kl-features``: KL training from the identity start over the probability-ranked draft
+   vocabulary, with EAGLE-3-style features of the target's layers 2, 15 and 27, normed feedback
+   and the EAGLE-style feature loss from the first step, one 6,000-step cosine over all train
+   sequences (its first run is the target pass: the target's hidden states, those layers,
+   log-normalisers and per-token mass, cached once);
+4. ``e2e-tv``: e2e-TV fine-tune of those heads (the paper's loss as a fine-tuning objective) into OUT.
 
-``features`` (a candidate, not yet shipped: docs/training.md section 8 says where it stands): the
-same data, then one KL stage from the identity start with the aux layers, normed feedback and the
-EAGLE-style feature loss from the first step (``kl-features``, one 6,000-step cosine instead of
-three warm restarts), then the e2e-TV fine-tune (``e2e-tv``) into OUT.
+``v6`` (what made the previous heads, ``smollm2-135m-v6``): the same held-out data, the train
+data without ``--seed``, then ``kl`` (KL from the identity start on the first 2,600 train
+sequences), ``kl-all`` and ``kl-more`` (continued on all of them: the order those heads were made
+in, one work session each), ``e2e-tv`` (an e2e-TV fine-tune) and ``aux-tv`` (the aux layers added
+function-preservingly and a second e2e-TV fine-tune on the first 1,792 train sequences).
 
 Every train stage writes a heads folder (weights, ``draft_vocab.json``, metadata with held-out
 alpha per depth, ``train_log.json``, ``learning_curve.png``). Data stages run ``bebop
@@ -125,24 +124,25 @@ RECIPES: dict[str, dict[str, Stage]] = {
         ),
     },
 }
-DEFAULT_RECIPE = "v6"
+DEFAULT_RECIPE = "features"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
-        help="reproduce the shipped default heads end to end (data, target pass, KL, e2e-TV and aux-layer fine-tunes)",
+        help="reproduce the shipped default heads end to end (data, target pass, KL with aux layers, e2e-TV)",
         description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
-        "pass, KL training from the identity start, an e2e-TV fine-tune, then aux target layers and a second e2e-TV "
-        "fine-tune (recipe v6). Every stage is resumable: rerun the same command after an interruption. Data and "
-        "caches go to --data (default $BEBOP_HOME/data/smollm2-135m-selfdistill); each train stage's heads to OUT "
-        "plus the stage's suffix (--dry-run lists them), the last stage's to OUT.",
+        "pass, KL training from the identity start with the target's layers 2, 15 and 27 as extra features, normed "
+        "feedback and a feature loss, then an e2e-TV fine-tune (recipe features; --recipe v6 makes the previous "
+        "heads). Every stage is resumable: rerun the same command after an interruption. Data and caches go to "
+        "--data (default $BEBOP_HOME/data/smollm2-135m-selfdistill); each train stage's heads to OUT plus the "
+        "stage's suffix (--dry-run lists them), the last stage's to OUT.",
     )
     p.add_argument(
         "--out",
         type=Path,
         required=True,
-        help="final heads folder (earlier train stages write OUT-kl, OUT-kl-all, ...: see --dry-run)",
+        help="final heads folder (earlier train stages write OUT-kl-features, ...: see --dry-run)",
     )
     p.add_argument("--data", type=Path, default=None, help="dataset folder (default: $BEBOP_HOME/data/...)")
     p.add_argument("--model", type=Path, default=None, help="target model folder (default: the fetched default)")
@@ -150,9 +150,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "--recipe",
         choices=sorted(RECIPES),
         default=DEFAULT_RECIPE,
-        help=f"v6: the shipped heads' stages ({', '.join(RECIPES['v6'])}); features: aux layers, normed feedback "
-        f"and the feature loss from the identity start ({', '.join(RECIPES['features'])}), a candidate not yet "
-        f"shipped (default: {DEFAULT_RECIPE})",
+        help=f"features: the shipped heads' stages ({', '.join(RECIPES['features'])}); v6: the previous heads' "
+        f"stages ({', '.join(RECIPES['v6'])}) (default: {DEFAULT_RECIPE})",
     )
     p.add_argument(
         "--stages",
