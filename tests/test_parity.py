@@ -144,6 +144,8 @@ def _normed_feedback(heads: Path, out: Path) -> tuple[Path, Path]:
         gen = torch.Generator().manual_seed(2)
         head.norm.weight.mul_(1 + 0.3 * torch.randn(head.norm.weight.shape, generator=gen))
     target_config = json.loads((_model_dir() / "config.json").read_text())
+    # the control feeds r back whatever the input heads do (the shipped heads feed norm(r) since v7)
+    head.shape = head.shape.with_feedback("residual")
     residual = save_heads(head, out / "residual", target_config, head.metadata, dtype="fp32")
     head.shape = head.shape.with_feedback("normed")
     normed = save_heads(head, out / "normed", target_config, head.metadata, dtype="fp32")
@@ -151,6 +153,8 @@ def _normed_feedback(heads: Path, out: Path) -> tuple[Path, Path]:
         if (heads / "draft_vocab.json").is_file():
             shutil.copy(heads / "draft_vocab.json", folder / "draft_vocab.json")
     assert json.loads((normed / "config.json").read_text())["bebop"]["feedback"] == "normed"
+    residual_bebop = json.loads((residual / "config.json").read_text()).get("bebop") or {}
+    assert residual_bebop.get("feedback", "residual") == "residual"
     return normed, residual
 
 
