@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "command": "python benchmarks/compare_heads.py " + " ".join(argv or sys.argv[1:]),
         "machine": machine,
-        "machine_line": describe_machine(machine),
+        # Teacher-forced numbers do not depend on load; it is recorded so a slow run can be explained.
+        "machine_line": describe_machine(machine) + "; load average at start "
+        + ", ".join(f"{x:.1f}" for x in machine.get("load_average_at_start") or []),
         "heads_notes": {n: json.loads((d / "bebop.json").read_text()).get("notes", "")
                         for n, d in zip(names, args.heads, strict=True)},
         "results": without_per_sequence(results),
