@@ -11,6 +11,13 @@ steps), so two engines' steps can be compared line by line:
     python benchmarks/profile_step.py --engine none --batch 16
     python benchmarks/profile_step.py --engine bebop-off --batch 16
 
+``--timers`` replaces cProfile by wall-clock timers around the step's parts (engine step, target
+forward and logits, sampler or verifier, the drafter's propose, its forward passes, draft logits and
+draft sampling): no profiler overhead, so the parts add up to the real step time (cProfile inflates
+Python-heavy parts, such as the drafter's bookkeeping, several-fold):
+
+    python benchmarks/profile_step.py --engine bebop --batch 1 --tokens 128 --compile --timers
+
 Results: ``benchmarks/results/profile/<engine>_b<batch>[_<label>].txt`` (``--no-save`` to print only).
 """
 
@@ -42,6 +49,82 @@ def spec_config(engine: str, heads: str, k: int) -> dict[str, Any] | None:
     return spec
 
 
+def time_parts(engine_core: Any) -> tuple[dict[str, float], dict[str, int]]:
+    """Wrap the step's parts (instance attributes, so only this engine is touched) with wall-clock
+    timers; returns (seconds, calls) per part, filled as the engine runs. Parts nest: the drafter's
+    forward, logits and sampling are inside ``drafter.propose``, which is inside the runner's
+    ``sample_tokens``."""
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    runner = engine_core.model_executor.driver_worker.worker.model_runner
+
+    def wrap(obj: Any, attr: str, label: str) -> None:
+        inner = getattr(obj, attr)
+        seconds[label], calls[label] = 0.0, 0  # the table lists parts in this (nesting) order
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t
+                calls[label] = calls.get(label, 0) + 1
+
+        setattr(obj, attr, timed)
+
+    wrap(engine_core.scheduler, "schedule", "scheduler.schedule")
+    wrap(engine_core.scheduler, "update_from_output", "scheduler.update_from_output")
+    wrap(runner, "execute_model", "runner.execute_model (target)")
+    wrap(runner.model, "forward", "  target forward")
+    wrap(runner.model, "compute_logits", "  target compute_logits")
+    wrap(runner, "sample_tokens", "runner.sample_tokens")
+    drafter = getattr(runner, "drafter", None)
+    if drafter is None:
+        wrap(runner.sampler, "forward", "  sampler")
+    else:
+        wrap(runner.rejection_sampler, "forward", "  verifier (bonus sampler + rejection)")
+        wrap(drafter, "propose", "  drafter.propose")
+        wrap(drafter.model, "forward", "    draft forward passes")
+        wrap(drafter.model, "compute_logits", "    draft logits")
+        wrap(drafter, "_sample_from_logits", "    draft sampling")
+    return seconds, calls
+
+
+def report_timers(args: argparse.Namespace, llm: Any, engine_core: Any, prompts: list[str], params: Any,
+                  step_log: list[tuple[int, float]], machine: dict[str, Any], command: str, dtype: str) -> int:
+    """The ``--timers`` run: one timed generate with the parts wrapped; a table of ms per step."""
+    from bebop_vllm.hardware import describe_machine
+
+    seconds, calls = time_parts(engine_core)
+    step_log.clear()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    steps = max(len(step_log), 1)
+    decode = sorted(dt for n, dt in step_log if 0 < n <= args.batch * (args.k + 1))
+    lines = [f"engine {args.engine}, batch {args.batch}, {args.tokens} tokens each, T = {args.temperature}, "
+             f"dtype {dtype}, {'compiled' if args.compile else 'eager'}; wall-clock timers (no profiler)",
+             f"command: {command}",
+             f"{describe_machine(machine)}; load average at start "
+             f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_start'] or [])}",
+             f"generate {wall:.3f} s, {tokens} tokens, {tokens / wall:.1f} tok/s, {len(step_log)} engine steps "
+             f"({1000 * wall / steps:.2f} ms each); decode steps: {len(decode)}, median "
+             f"{1000 * decode[len(decode) // 2] if decode else 0:.2f} ms", "",
+             "| part | ms per engine step | calls | ms per call |", "|---|---|---|---|",
+             f"| engine step (all) | {1000 * sum(dt for _, dt in step_log) / steps:.2f} | {len(step_log)} | |"]
+    for label in seconds:  # insertion order = nesting order of time_parts
+        lines.append(f"| {label.replace('  ', '· ')} | {1000 * seconds[label] / steps:.2f} | {calls[label]} | "
+                     f"{1000 * seconds[label] / max(calls[label], 1):.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_save:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        label = "_".join(x for x in ("timers", args.label) if x)
+        (RESULTS_DIR / f"{args.engine}_b{args.batch}_{label}.txt").write_text(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from bebop_vllm.hardware import describe_machine, fast_engine_dtype, machine_info
     from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
@@ -63,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--label", default="", help="suffix of the results file, e.g. before / after a change")
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--dump", default=None, help="also write the raw cProfile stats here (for pstats / snakeviz)")
+    ap.add_argument("--timers", action="store_true",
+                    help="wall-clock timers around the step's parts instead of cProfile (no profiler overhead)")
     args = ap.parse_args(argv)
     machine = machine_info()  # before the engine starts: its load average is the machine's, not ours
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
@@ -100,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     engine_core.step_fn, engine_core.scheduler.schedule = timed_step, logged_schedule
+    if args.timers:
+        return report_timers(args, llm, engine_core, prompts, params, step_log, machine, command, dtype)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
