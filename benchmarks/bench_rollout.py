@@ -188,6 +188,8 @@ def _markdown(res: dict[str, Any]) -> str:
              f"Machine: {describe_machine(m)}; load average at start "
              f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. "
              f"Model: {cfg['model']} ({cfg['dtype']}). Heads: {cfg['heads']}. k = {cfg['k']}. "
+             + {True: "Eager engines (enforce_eager). ", False: "vLLM's default engines (compiled / CUDA graphs). ",
+                None: ""}[cfg.get("eager")] +
              f"Wall time: {res['wall_s']:.0f} s." + ("" if cfg.get("prefix_caching", True) else
                                                       " Prefix caching off in every engine.")
              + ("" if res["complete"] else " **Partial run.**"), ""]
@@ -277,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine dtype (auto: bfloat16 on CUDA or CPUs with bf16 instructions, else float32)")
     ap.add_argument("--max-model-len", type=int, default=1024, help="engine max_model_len (default 1024)")
     ap.add_argument("--max-num-seqs", type=int, default=256, help="engine max_num_seqs (default 256)")
-    ap.add_argument("--cuda-graphs", action="store_true", help="do not pass enforce_eager (GPU runs)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="do not pass enforce_eager: vLLM's default (CUDA graphs on GPU; on CPU the target is "
+                         "compiled with torch.compile, as `vllm serve` and LLM(...) run it)")
     ap.add_argument("--block-size", type=int, default=None,
                     help="KV cache block size of every engine (default: the engine's own; on CPU 128 for plain "
                          "decoding, 32 for bebop engines). An EAGLE-style engine reuses a cached prompt one block "
@@ -355,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     res: dict[str, Any] = {"command": command, "machine": machine_info(), "sweep": [], "min_ratio": {}, "rollout": None,
                            "config": {"model": args.model, "heads": args.heads, "k": args.k, "dtype": args.dtype,
+                                      "eager": not args.cuda_graphs,
                                       "engines": sweep_engines, "sweep_max_tokens": args.sweep_max_tokens,
                                       "repeats": args.repeats, "block_size": args.block_size,
                                       "max_num_seqs": args.max_num_seqs, "quick": args.quick,
