@@ -598,6 +598,16 @@ def main(argv: list[str] | None = None) -> int:
     except BebopError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if cfg.engine:
+        from study.common import engine_memory_warning, free_memory_gib
+
+        try:
+            kv_gib = float(os.environ["VLLM_CPU_KVCACHE_SPACE"])
+        except ValueError:
+            kv_gib = 0.0  # vLLM reports a malformed value itself
+        warning = engine_memory_warning(kv_gib, cfg.engines_at_once, free_memory_gib())
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out)

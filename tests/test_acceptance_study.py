@@ -295,3 +295,16 @@ def test_crosscheck_key_follows_the_timed_results() -> None:
     assert result_key("abc", partial) != result_key("abc", complete)
     assert result_key("abc", complete) == result_key("abc", json.loads(json.dumps(complete)))
     assert result_key("abc", complete) != result_key("abd", complete)
+
+
+def test_engine_memory_warning_names_the_setting_that_does_not_fit() -> None:
+    """Four engines with 2 GiB of KV cache each with ~8 GiB free (what made two of the study's
+    engines fail on 2026-12-07) warn and say what to change; the study's own 1 GiB default with
+    20 GiB free, or unknown free memory, does not warn."""
+    from study.common import engine_memory_warning
+
+    msg = engine_memory_warning(2.0, 4, 8.0)
+    assert msg is not None
+    assert "VLLM_CPU_KVCACHE_SPACE=2 GiB" in msg and "--engines-at-once" in msg and "14.0 GiB" in msg
+    assert engine_memory_warning(1.0, 4, 20.0) is None
+    assert engine_memory_warning(2.0, 4, None) is None

@@ -21,6 +21,39 @@ HEADS_ROOT = REPO_ROOT / "heads"
 HEAD_PREFIX = "smollm2-135m-"
 SHIPPED_HEAD_NAME = SHIPPED_HEADS_DIR.name.removeprefix(HEAD_PREFIX)  # the default primary, e.g. "v5"
 MODES = ("probabilistic", "greedy")
+# Memory of one CPU engine besides its KV cache (the 135M model, vLLM, torch): ~1.5 GiB resident,
+# measured on the 2-core machines (3.5 GiB with a 2 GiB KV cache).
+ENGINE_BASE_GIB = 1.5
+
+
+def engine_memory_warning(kv_gib: float, engines_at_once: int, free_gib: float | None,
+                          base_gib: float = ENGINE_BASE_GIB) -> str | None:
+    """A warning when ``engines_at_once`` engines, each with ``kv_gib`` of KV cache
+    (``VLLM_CPU_KVCACHE_SPACE``), will not fit in ``free_gib`` (None: unknown, no warning).
+    On 2026-12-07 an exported ``VLLM_CPU_KVCACHE_SPACE=2`` with four engines at once left 0.4 GiB
+    free and two engines of the study failed to start (reported as FAILED rows); the study's own
+    default is 1 GiB."""
+    if free_gib is None:
+        return None
+    need = engines_at_once * (kv_gib + base_gib)
+    if need <= free_gib:
+        return None
+    return (f"{engines_at_once} engines at once with VLLM_CPU_KVCACHE_SPACE={kv_gib:g} GiB each need about "
+            f"{need:.1f} GiB, but {free_gib:.1f} GiB is free: engines may fail to start. Unset "
+            f"VLLM_CPU_KVCACHE_SPACE (the study then uses 1 GiB) or lower --engines-at-once.")
+
+
+def free_memory_gib() -> float | None:
+    """MemFree from /proc/meminfo in GiB (None where there is no such file). Free, not available:
+    vLLM's CPU worker refuses to start when its KV cache exceeds the NUMA node's MemFree
+    (vllm/utils/cpu_resource_utils.py:218, vLLM 0.32), so page cache counts as used."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemFree:"):
+                return int(line.split()[1]) / 2**20  # kB -> GiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @dataclass
