@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     except BebopError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.engine:
+    if cfg.engine and not torch.cuda.is_available():  # CPU engines: KV cache and weights in host memory
         from study.common import engine_memory_warning, free_memory_gib
 
         try:
