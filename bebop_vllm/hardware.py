@@ -91,3 +91,13 @@ def describe_machine(info: dict[str, object]) -> str:
     preload = f"; LD_PRELOAD: {', '.join(info['ld_preload'])}" if info.get("ld_preload") else ""  # type: ignore[arg-type]
     bf16 = "native bf16" if info.get("cpu_has_bf16") else "no bf16 instructions"
     return f"{info.get('cpu_model')}, {info.get('cpu_count')} cores, {bf16}{gpu}; CPU flags: {flags}{preload}"
+
+
+def describe_machine_and_load(info: dict[str, object] | str) -> str:
+    """:func:`describe_machine` plus the load average :func:`machine_info` took at start (what a
+    timed result needs to be read: a loaded machine runs slower)."""
+    if not isinstance(info, dict):
+        return str(info)
+    load = info.get("load_average_at_start")
+    return describe_machine(info) + (f"; load average at start {', '.join(f'{x:.1f}' for x in load)}"  # type: ignore[union-attr]
+                                     if load else "")

@@ -180,13 +180,12 @@ def tail_model(lengths: list[int], sweep: list[dict[str, Any]], temperature: flo
 
 
 def _markdown(res: dict[str, Any]) -> str:
-    from bebop_vllm.hardware import describe_machine
+    from bebop_vllm.hardware import describe_machine_and_load
 
     cfg, m = res["config"], res["machine"]
     lines = ["# Rollout benchmark: plain decoding vs bebop fixed k vs bebop auto", "",
              f"Command: `{res['command']}`", "",
-             f"Machine: {describe_machine(m)}; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in m['load_average_at_start'])}. "
+             f"Machine: {describe_machine_and_load(m)}. "
              f"Model: {cfg['model']} ({cfg['dtype']}). Heads: {cfg['heads']}. k = {cfg['k']}. "
              + {True: "Eager engines (enforce_eager). ", False: "vLLM's default engines (compiled / CUDA graphs). ",
                 None: ""}[cfg.get("eager")] +

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bebop_vllm.hardware import describe_machine, fast_engine_dtype, machine_info
+from bebop_vllm.hardware import describe_machine_and_load, fast_engine_dtype, machine_info
 
 ENGINES = ("none", "vllm-greedy", "vllm-prob", "bebop")
 # bebop, bebop-k2, bebop-sync, bebop-k2-sync, bebop-entropy, bebop-v4096, bebop-k1-v4096-sync, ...
@@ -141,15 +141,6 @@ def interleaved_prompts(model: str, domains: list[str], count: int, max_prompt_t
     return [by_domain[d][i] for i in range(per_domain) for d in domains][:count]
 
 
-def _describe(machine: dict[str, Any] | str) -> str:
-    """``describe_machine`` plus the load at start; results written before machine_info() hold a string."""
-    if isinstance(machine, str):
-        return machine
-    load = machine.get("load_average_at_start")
-    return describe_machine(machine) + (f"; load average at start {', '.join(f'{x:.1f}' for x in load)}"
-                                        if load else "")
-
-
 def _markdown(res: dict[str, Any]) -> str:
     cfg = res["config"]
     engines = cfg["engines"]
@@ -159,7 +150,7 @@ def _markdown(res: dict[str, Any]) -> str:
         "",
         f"Command: `{res['command']}`",
         "",
-        f"Machine: {_describe(res['machine'])} (1/5/15-min load average when written: "
+        f"Machine: {describe_machine_and_load(res['machine'])} (1/5/15-min load average when written: "
         f"{', '.join(f'{x:.1f}' for x in res['load_average_at_write'])}). "
         f"Model: {cfg['model']}. Heads: {cfg['heads']} ({cfg['heads_kind']})"
         + "".join(f"; engines @{n}: {f}" for n, f in (cfg.get("alt_heads") or {}).items()) + ". "

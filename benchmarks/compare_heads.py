@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from bebop_vllm.hardware import describe_machine, machine_info
+from bebop_vllm.hardware import describe_machine_and_load, machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_results  # noqa: E402
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/compare_heads.py " + " ".join(argv or sys.argv[1:]),
         "machine": machine,
         # Teacher-forced numbers do not depend on load; it is recorded so a slow run can be explained.
-        "machine_line": describe_machine(machine) + "; load average at start "
-        + ", ".join(f"{x:.1f}" for x in machine.get("load_average_at_start") or []),
+        "machine_line": describe_machine_and_load(machine),
         "heads_notes": {n: json.loads((d / "bebop.json").read_text()).get("notes", "")
                         for n, d in zip(names, args.heads, strict=True)},
         "results": without_per_sequence(results),

@@ -67,8 +67,8 @@ def time_parts(engine_core: Any) -> tuple[dict[str, float], dict[str, int]]:
             try:
                 return inner(*a, **kw)
             finally:
-                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t
-                calls[label] = calls.get(label, 0) + 1
+                seconds[label] += time.perf_counter() - t
+                calls[label] += 1
 
         setattr(obj, attr, timed)
 
@@ -93,7 +93,7 @@ def time_parts(engine_core: Any) -> tuple[dict[str, float], dict[str, int]]:
 def report_timers(args: argparse.Namespace, llm: Any, engine_core: Any, prompts: list[str], params: Any,
                   step_log: list[tuple[int, float]], machine: dict[str, Any], command: str, dtype: str) -> int:
     """The ``--timers`` run: one timed generate with the parts wrapped; a table of ms per step."""
-    from bebop_vllm.hardware import describe_machine
+    from bebop_vllm.hardware import describe_machine_and_load
 
     seconds, calls = time_parts(engine_core)
     step_log.clear()
@@ -106,8 +106,7 @@ def report_timers(args: argparse.Namespace, llm: Any, engine_core: Any, prompts:
     lines = [f"engine {args.engine}, batch {args.batch}, {args.tokens} tokens each, T = {args.temperature}, "
              f"dtype {dtype}, {'compiled' if args.compile else 'eager'}; wall-clock timers (no profiler)",
              f"command: {command}",
-             f"{describe_machine(machine)}; load average at start "
-             f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_start'] or [])}",
+             describe_machine_and_load(machine),
              f"generate {wall:.3f} s, {tokens} tokens, {tokens / wall:.1f} tok/s, {len(step_log)} engine steps "
              f"({1000 * wall / steps:.2f} ms each); decode steps: {len(decode)}, median "
              f"{1000 * decode[len(decode) // 2] if decode else 0:.2f} ms", "",
@@ -126,7 +125,7 @@ def report_timers(args: argparse.Namespace, llm: Any, engine_core: Any, prompts:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bebop_vllm.hardware import describe_machine, fast_engine_dtype, machine_info
+    from bebop_vllm.hardware import describe_machine_and_load, fast_engine_dtype, machine_info
     from bebop_vllm.paths import SHIPPED_HEADS_DIR, default_model_dir
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -206,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     buf = io.StringIO()
     header = (f"engine {args.engine}, batch {args.batch}, {args.tokens} tokens each, T = {args.temperature}, "
               f"dtype {dtype}, {'compiled' if args.compile else 'eager'}\ncommand: {command}\n"
-              f"{describe_machine(machine)}; load average at start "
-              f"{', '.join(f'{x:.1f}' for x in machine['load_average_at_start'] or [])}\n"
+              f"{describe_machine_and_load(machine)}\n"
               f"generate {seconds:.3f} s, {tokens} tokens, {tokens / seconds:.1f} tok/s, {n_steps} engine steps, "
               f"{1000 * seconds / max(n_steps, 1):.2f} ms per step (profiler overhead included)\n"
               f"prefill steps (tokens, ms): {[(n, round(1000 * dt, 1)) for n, dt in prefill]}; "
