@@ -1,16 +1,24 @@
 """A proposer pass with K = 0 writes the heads' KV cache bit for bit as the full pass does.
 
 ``draft_length="auto"`` drafts nothing in a crowded batch; the proposer's pass over the step's
-tokens then only keeps the drafter's KV cache complete, and the draft_kv_only patch makes it run
-the layer's KV part alone (``BebopHeadModel.write_kv_cache``). If that part differed from the
-full layer in any bit (a missed norm, rotary at the wrong positions, another slot), drafting
-resumed later would attend to wrong keys: never inexact (the verifier checks every draft), but
-silently worse acceptance. So, on a real engine (one subprocess, in-process vLLM), a hook on the
-proposer replays every propose call of the run from the same KV state three ways, K = 0 each:
+tokens then only keeps the drafter's KV cache complete, and the draft_kv_only patch defers it
+(holds its inputs until the next pass that drafts, then writes them in one batched KV-only pass)
+or, where deferral does not apply, runs the layer's KV part alone
+(``BebopHeadModel.write_kv_cache``). If either differed from the full layer in any bit (a
+missed norm or aux combine, rotary at the wrong positions, another slot, input ids shifted
+wrongly), drafting resumed later would attend to wrong keys: never inexact (the verifier checks
+every draft), but silently worse acceptance. So, on a real engine (one subprocess, in-process
+vLLM), a hook on the proposer replays every propose call of the run from the same KV state
+several ways, K = 0 each:
 
-- KV-only (the patch) and the full layer (the patch switched off): caches must be equal;
+- deferred: the K = 0 call writes nothing, and the flush then writes what the full layer does;
+- KV-only (deferral off) and the full layer (the patch switched off): caches must be equal;
 - the full layer twice: equal (the replay is deterministic, so the check can trust it);
 - a KV-only variant without rotary embedding (negative control): must differ.
+
+The engine's heads read aux layers (the shipped heads do), so the deferred path's aux combine
+is covered. The order of many deferred passes (a slot written twice keeps its last write) is
+checked without an engine in tests/test_deferred_kv.py.
 
 Prefill passes (many tokens per request) and decode passes (1 + accepted tokens) both occur.
 """
@@ -52,25 +60,36 @@ def _install_hook(worker) -> None:
     def replay(args, kwargs, before, mode):
         cache.copy_(before)
         head._bebop_kv_only_ok = mode != "full"
+        head._bebop_defer_kv_ok = mode == "deferred"
         if mode == "control":
             head.write_kv_cache = without_rotary
         try:
             out = original(*args, **{**kwargs, "num_speculative_tokens": 0})
+            held = drafter.model.deferred_kv.tokens
+            untouched = bool(torch.equal(cache, before))
+            flushed = drafter.model.flush_deferred_kv()
         finally:
             head._bebop_kv_only_ok = None
+            head._bebop_defer_kv_ok = None
             head.__dict__.pop("write_kv_cache", None)
         assert out.shape[1] == 0
-        return cache.clone()
+        return cache.clone(), {"held": held, "untouched_until_flush": untouched, "flushed": flushed}
 
     def propose(*args, **kwargs):
         before = cache.clone()
-        kv_only = replay(args, kwargs, before, "kv_only")
-        full = replay(args, kwargs, before, "full")
-        full_again = replay(args, kwargs, before, "full")
-        control = replay(args, kwargs, before, "control")
+        deferred, deferral = replay(args, kwargs, before, "deferred")
+        kv_only, direct = replay(args, kwargs, before, "kv_only")
+        full, _ = replay(args, kwargs, before, "full")
+        full_again, _ = replay(args, kwargs, before, "full")
+        control, _ = replay(args, kwargs, before, "control")
         cache.copy_(before)
+        tokens = int(kwargs["target_token_ids"].shape[0])
         checks.append({
-            "tokens": int(kwargs["target_token_ids"].shape[0]),
+            "tokens": tokens,
+            "deferred_held_every_token": deferral["held"] == tokens and deferral["flushed"] == tokens,
+            "deferred_untouched_until_flush": deferral["untouched_until_flush"],
+            "direct_held_nothing": direct["held"] == 0 and not direct["untouched_until_flush"],
+            "deferred_equals_full": bool(torch.equal(deferred, full)),
             "kv_only_equals_full": bool(torch.equal(kv_only, full)),
             "replay_deterministic": bool(torch.equal(full, full_again)),
             "pass_wrote_cache": not bool(torch.equal(full, before)),
@@ -109,6 +128,9 @@ def test_kv_only_pass_writes_the_full_pass_cache(tmp_path):
         assert c["pass_wrote_cache"] and c["replay_deterministic"], c
         assert c["control_differs"], f"the negative control went unnoticed: {c}"
         assert c["kv_only_equals_full"], f"the KV-only pass wrote a different cache: {c}"
+        assert c["deferred_held_every_token"] and c["deferred_untouched_until_flush"], c
+        assert c["direct_held_nothing"], c
+        assert c["deferred_equals_full"], f"the deferred pass wrote a different cache: {c}"
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.utils import maybe_prefix
 
+from bebop_vllm.plugin.deferred_kv import PendingDraftKV
+
 logger = logging.getLogger(__name__)
 
 # Rows of the draft lm_head compared with the target's on every draft step to notice a policy
@@ -197,7 +199,8 @@ class BebopHeadModel(nn.Module):
         return (not attn.attn_backend.forward_includes_kv_cache_update
                 and attn.kv_sharing_target_layer_name is None)
 
-    def write_kv_cache(self, positions: torch.Tensor, x: torch.Tensor) -> None:
+    def write_kv_cache(self, positions: torch.Tensor, x: torch.Tensor,
+                       slot_mapping: torch.Tensor | None = None) -> None:
         """Write this pass's keys and values to the layer's KV cache, and compute nothing else.
 
         A proposer pass with K = 0 (``draft_length="auto"`` chose no drafts for the next step)
@@ -209,6 +212,11 @@ class BebopHeadModel(nn.Module):
         (qkv_proj, split, rotary_emb) and ``Attention.forward`` (view to heads, then
         ``unified_kv_cache_update``), vLLM 0.32.0; fingerprinted as the draft_kv_only patch's
         targets in :mod:`bebop_vllm.plugin.upstream`.
+
+        ``slot_mapping`` [T]: where to write, for a write outside a forward context (deferred
+        K = 0 passes, :meth:`BebopMTPModel.flush_deferred_kv`); the backend's
+        ``do_kv_cache_update`` then gets it directly, as ``unified_kv_cache_update`` passes the
+        forward context's. None: the forward context's (a pass run by the proposer).
         """
         from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
 
@@ -217,8 +225,12 @@ class BebopHeadModel(nn.Module):
         q, k, v = qkv.split([self_attn.q_size, self_attn.kv_size, self_attn.kv_size], dim=-1)
         _, k = self_attn.rotary_emb(positions, q, k)
         attn = self_attn.attn
-        unified_kv_cache_update(k.view(-1, attn.num_kv_heads, attn.head_size),
-                                v.view(-1, attn.num_kv_heads, attn.head_size_v), attn.layer_name)
+        keys = k.view(-1, attn.num_kv_heads, attn.head_size)
+        values = v.view(-1, attn.num_kv_heads, attn.head_size_v)
+        if slot_mapping is None:
+            unified_kv_cache_update(keys, values, attn.layer_name)
+        else:
+            attn.impl.do_kv_cache_update(attn, keys, values, attn.kv_cache, slot_mapping)
 
 
 class BebopMTPModel(nn.Module):
@@ -245,6 +257,8 @@ class BebopMTPModel(nn.Module):
         self.logits_processor = LogitsProcessor(self.config.vocab_size, scale=getattr(self.config, "logit_scale", 1.0))
         self._heads_loaded = False  # set by the first (complete) load_weights
         self._init_draft_vocab(vllm_config, spec.draft_model_config.model)
+        # K = 0 passes held by the draft_kv_only patch until the drafter next reads its cache.
+        self.deferred_kv = PendingDraftKV()
 
     def _init_draft_vocab(self, vllm_config: VllmConfig, heads_dir: str) -> None:
         """``draft_vocab_size`` (bebop_vllm.draft_vocab): logits for those token ids only."""
@@ -309,6 +323,28 @@ class BebopMTPModel(nn.Module):
     def combine_hidden_states(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[T, (n + 1) H] captured target states -> [T, H] depth-1 input (aux heads only)."""
         return self.model.combine_hidden_states(hidden_states)
+
+    def defer_kv_write(self, input_ids: torch.Tensor, positions: torch.Tensor, target_states: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+        """Hold a K = 0 pass's inputs instead of writing its keys and values now
+        (:mod:`bebop_vllm.plugin.deferred_kv`); written once enough are held or before the next
+        pass that reads the cache. Shapes: [T], [T], [T, D] (before any aux combine), [T]."""
+        self.deferred_kv.add(input_ids, positions, target_states, slot_mapping)
+        if self.deferred_kv.full:
+            self.flush_deferred_kv()
+
+    @torch.inference_mode()
+    def flush_deferred_kv(self) -> int:
+        """Write the held K = 0 passes' keys and values to the cache in one batched pass, the
+        same ops a K = 0 pass runs (aux combine, :meth:`BebopHeadModel.fuse_inputs`,
+        :meth:`BebopHeadModel.write_kv_cache`). Returns the rows written (0: nothing held)."""
+        taken = self.deferred_kv.take()
+        if taken is None:
+            return 0
+        input_ids, positions, target_states, slot_mapping = taken
+        hidden = self.combine_hidden_states(target_states) if self.aux_layer_ids else target_states
+        self.model.write_kv_cache(positions, self.model.fuse_inputs(input_ids, hidden), slot_mapping)
+        return int(input_ids.shape[0])
 
     @torch.no_grad()
     def sync_target_norm(self, target: nn.Module) -> None:

@@ -49,8 +49,10 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "cpu_block_size": ("vllm.platforms.cpu:CpuPlatform.check_and_update_config",),
     "draft_sampling": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer._sample_from_logits",
                        "vllm.v1.spec_decode.llm_base_proposer:compute_probs_and_sample_next_token"),
-    # the wrapped proposer entry point, and the layer code BebopHeadModel.write_kv_cache copies
+    # the wrapped proposer entry point, its first-pass input code that a deferred K = 0 pass
+    # mirrors, and the layer code BebopHeadModel.write_kv_cache copies
     "draft_kv_only": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
+                      "vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.set_inputs_first_pass",
                       "vllm.model_executor.models.llama:LlamaDecoderLayer.forward",
                       "vllm.model_executor.models.llama:LlamaAttention.forward",
                       "vllm.model_executor.layers.attention.attention:Attention.forward",

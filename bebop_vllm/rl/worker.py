@@ -58,6 +58,9 @@ class BebopRLWorkerExtension:
         from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
 
         before = self.bebop_heads_fingerprint()
+        draft = self.get_draft_model()  # type: ignore[attr-defined]
+        if draft is not None and hasattr(draft, "flush_deferred_kv"):
+            draft.flush_deferred_kv()  # held K = 0 writes use the weights their passes saw
         keep = None if names is None else set(names)
         t0 = time.perf_counter()
         weights = safetensors_weights_iterator(files, False)
@@ -65,7 +68,6 @@ class BebopRLWorkerExtension:
             weights = ((n, t) for n, t in weights if n in keep)
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # type: ignore[attr-defined]
         refresh_cpu_gemm_handles(self.model_runner.get_model())  # type: ignore[attr-defined]
-        draft = self.get_draft_model()  # type: ignore[attr-defined]
         if draft is not None and hasattr(draft, "sync_target_norm"):
             draft.sync_target_norm(self.model_runner.get_model())  # type: ignore[attr-defined]
         self.bebop_invalidate_draft_caches()

@@ -32,8 +32,8 @@ PATCHES: list[Patch] = [
     cpu_expand_fix.PATCH,  # CPU: per-token temperature/top-k/top-p were uninitialised memory
     cpu_block_size.PATCH,  # CPU: 32-token KV blocks (prefix-cache hits are reused one block short)
     draft_sampling.PATCH,  # probabilistic drafts from the request's own distribution
-    draft_kv_only.PATCH,  # a K = 0 proposer pass only writes the heads' KV cache
-    aux_features.PATCH,  # heads with aux layers: combine the captured target states (after draft_kv_only)
+    aux_features.PATCH,  # heads with aux layers: combine the captured target states (before draft_kv_only)
+    draft_kv_only.PATCH,  # a K = 0 proposer pass is deferred (or only writes the heads' KV cache)
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
     *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)

@@ -12,8 +12,9 @@ bebop's aux heads only, ``target_hidden_states`` first goes through
 training; tests/test_parity.py checks the drafts against the plain-torch reference). Every other
 proposer, and bebop heads without aux layers, are untouched.
 
-Applied after ``draft_kv_only``, which wraps the same method: the combine then runs first, so a
-K = 0 (KV-only) pass also receives the combined states.
+Applied before ``draft_kv_only``, which wraps the same method and so runs first: a deferred
+K = 0 pass holds the raw captured states (combined, batched, when they are written), while a
+KV-only or full pass comes through here and receives the combined states.
 """
 
 from __future__ import annotations
