@@ -425,7 +425,29 @@ def test_make_heads_features_recipe() -> None:
         commands(argparse.Namespace(out=Path("h"), data=None, model=None, recipe="features", stages="kl"))
 
 
-@pytest.mark.parametrize("recipe", ["v6", "features"])
+def test_make_heads_more_data_recipe_continues_the_features_heads() -> None:
+    """more-data: the features recipe's KL heads continued on the grown sample; features itself stays
+    capped at v7's sequences so that a grown folder still reproduces v7."""
+    import argparse
+
+    from bebop_vllm.commands.make_heads import commands
+
+    plan = dict(commands(argparse.Namespace(out=Path("heads/m"), data=None, model=None, recipe="more-data",
+                                            stages=None)))  # fmt: skip
+    assert list(plan) == ["heldout", "train-data", "kl-features", "train-data-2x", "kl-2x", "e2e-tv"]
+    assert _flag(plan["kl-2x"], "--init-from") == "heads/m-kl-features"
+    assert _flag(plan["e2e-tv"], "--init-from") == "heads/m-kl-2x" and _flag(plan["e2e-tv"], "--out") == "heads/m"
+    assert _flag(plan["kl-2x"], "--max-train-sequences") is None  # all of the grown sample
+    assert _flag(plan["train-data-2x"], "--seed") == _flag(plan["train-data"], "--seed") == "7"
+    grown = [a for a in plan["train-data-2x"] if "=" in a or a.isdigit()]
+    assert "math=16" in grown and "code=16" in grown
+    features = dict(commands(argparse.Namespace(out=Path("heads/f"), data=None, model=None, recipe="features",
+                                                stages=None)))  # fmt: skip
+    assert _flag(features["kl-features"], "--max-train-sequences") == "4494"
+    assert _flag(features["e2e-tv"], "--max-train-sequences") == "4494"
+
+
+@pytest.mark.parametrize("recipe", ["v6", "features", "more-data"])
 def test_make_heads_stages_parse(recipe: str) -> None:
     """Every stage's command line is accepted by the real ``bebop`` parser (a typo in a recipe fails
     here, not hours into a run)."""
@@ -569,3 +591,21 @@ def test_generate_split_grows_and_records_the_larger_plan(tmp_path: Path) -> Non
     assert all((big.sequence(i) == small.sequence(i)).all() for i in range(2))
     assert big.meta["limit_per_domain"] == 5 and big.meta["num_sequences"] == 5
     assert [it["sample"] for it in big.meta["items"]] == [0] * 5
+    # an earlier, smaller command rerun in the grown folder samples nothing and keeps the record
+    again = grow(2)
+    assert len(again) == 5 and again.meta["limit_per_domain"] == 5 and again.meta["num_sequences"] == 5
+
+
+def test_generate_split_grows_by_samples_and_keeps_the_larger_record(tmp_path: Path) -> None:
+    """More samples per prompt append sample-major; a rerun with fewer keeps the larger count."""
+    from bebop_vllm.train.generate import generate_split
+
+    def run(samples: int) -> SequenceSet:
+        return generate_split(object(), _CharTokenizer(), "train", ["math"], 3, 512, 8, [1.0, 0.7], 7,
+                              tmp_path / "model", tmp_path, chunk=4, engine="prompts",
+                              samples_per_prompt={"math": samples})  # fmt: skip
+
+    one, three, again = run(1), run(3), run(1)
+    assert (len(one), len(three), len(again)) == (3, 9, 9)
+    assert [it["sample"] for it in three.meta["items"]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert three.meta["samples_per_prompt"] == again.meta["samples_per_prompt"] == {"math": 3}

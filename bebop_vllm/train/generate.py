@@ -105,12 +105,18 @@ def generate_split(
         old = load_split(out_dir, split)
         same = {k: old.meta.get(k) for k in ("max_new_tokens", "seed", "model")}
         if same == {"max_new_tokens": max_new_tokens, "seed": seed, "model": str(model_dir)}:
-            # the plan may have grown (more prompts or samples): record this call's, which covers the old
+            # the plan may have grown (more prompts or samples) or be a smaller rerun (an earlier
+            # recipe's command in a grown folder): record what the split now holds, the larger of each
+            def larger(a: int | None, b: int | None) -> int | None:
+                return None if a is None or b is None else max(a, b)  # None: no limit
+
+            old_samples = old.meta.get("samples_per_prompt") or {}
             meta = old.meta | {
-                "samples_per_prompt": samples,
+                "samples_per_prompt": {d: max(samples.get(d, 0), old_samples.get(d, 0))
+                                       for d in sorted(set(samples) | set(old_samples))},
                 "temperatures": temperatures,
-                "limit_per_domain": limit_per_domain,
-                "max_prompt_tokens": max_prompt_tokens,
+                "limit_per_domain": larger(limit_per_domain, old.meta.get("limit_per_domain")),
+                "max_prompt_tokens": max(max_prompt_tokens, old.meta.get("max_prompt_tokens") or 0),
             }
             sequences = [old.sequence(i).tolist() for i in range(len(old))]
             prompt_lens, temps = old.prompt_lens.tolist(), old.temperatures.tolist()
