@@ -12,9 +12,10 @@ cumulative acceptance per draft position, from the per-request metrics:
     python benchmarks/acceptance_by_prompt_length.py --domain agentic \
         --out benchmarks/results/acceptance_by_prompt_length_v7
 
-Runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Sampling varies run to run
-(no per-request seeds: vLLM 0.32's CPU runner cannot rewind a CPU generator for a chunked prefill),
-so read differences against the per-request spread printed with them.
+Runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Sampling follows the engine's
+seed (0), so a rerun on the same machine repeats the numbers; requests carry no seeds of their own
+(vLLM 0.32's CPU runner cannot rewind a CPU generator for a chunked prefill). Read a difference
+between the groups against the per-request spread printed with them.
 """
 
 from __future__ import annotations
@@ -66,14 +67,14 @@ def group_prompts(domain: str, tokenizer: Any, split_at: int, longest: int, per_
 
 def pooled_acceptance(metrics: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """Tokens per verify step pooled over requests, cumulative acceptance per position, and the
-    per-request tokens per step (for the spread)."""
-    steps = sum(m["num_draft_tokens_per_pos"][0] for m in metrics)
+    per-request tokens per step (vLLM's ``mean_acceptance_length``, for the spread), from the
+    per-request metrics payloads (``spec_decode_metrics.to_dict()``)."""
+    steps = sum(m["num_spec_steps"] for m in metrics)
     accepted = [sum(m["num_accepted_tokens_per_pos"][j] for m in metrics) for j in range(k)]
-    per_request = [1 + sum(m["num_accepted_tokens_per_pos"]) / m["num_draft_tokens_per_pos"][0]
-                   for m in metrics if m["num_draft_tokens_per_pos"][0]]
+    per_request = [m["mean_acceptance_length"] for m in metrics if m["num_spec_steps"]]
     return {
         "verify_steps": steps,
-        "tokens_per_step": 1 + sum(accepted) / steps if steps else None,
+        "tokens_per_step": 1 + sum(m["num_accepted_draft_tokens"] for m in metrics) / steps if steps else None,
         "accepted_at_position": [a / steps if steps else None for a in accepted],
         "per_request_tokens_per_step": per_request,
         "per_request_median": statistics.median(per_request) if per_request else None,
