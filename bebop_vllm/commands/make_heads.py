@@ -22,7 +22,7 @@ function-preservingly and a second e2e-TV fine-tune on the first 1,792 train seq
 
 ``more-data`` (under way, not shipped): the features recipe's data and KL stage, then
 ``train-data-2x`` (twice the continuations per prompt, appended to the same folder), ``kl-2x`` (the
-KL heads continued on all of it, a fresh 3,000-step warmup + cosine) and ``e2e-tv`` into OUT.
+KL heads continued on all of it, a fresh 2,500-step warmup + cosine) and ``e2e-tv`` into OUT.
 The features recipe caps its train stages at v7's 4,494 sequences, so it still reproduces v7 in a
 folder that this recipe grew.
 
@@ -151,7 +151,7 @@ RECIPES: dict[str, dict[str, Stage]] = {
         "kl-2x": Stage(
             "train",
             _argv(
-                f"--feature-loss-weight 1 --loss kl --steps 3000 {STEP_SHAPE} --lr 1e-3 --warmup-steps 30 "
+                f"--feature-loss-weight 1 --loss kl --steps 2500 {STEP_SHAPE} --lr 1e-3 --warmup-steps 30 "
                 "--eval-every 500 --seed 8"
             ),
             out_suffix="-kl-2x",
