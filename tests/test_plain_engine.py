@@ -55,9 +55,11 @@ def _bebop_state(worker) -> dict:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     import bebop_vllm.plugin as plugin
+    from bebop_vllm.plugin.patches.cpu_seeded_chunks import BEBOP_FLAG as SEEDED_CHUNKS_FLAG
 
     return {"runner_init_patched": getattr(GPUModelRunner.__init__, "__bebop_patch__", None) is not None,
-            "disabled_reason": plugin.disabled_reason}
+            "disabled_reason": plugin.disabled_reason,
+            "seeded_chunks_flag": bool(getattr(worker.model_runner, SEEDED_CHUNKS_FLAG, False))}
 
 
 def _worker(out_path: str) -> None:
@@ -97,7 +99,9 @@ def runs(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_plugin_loaded_only_where_expected(runs):
-    assert runs["with_bebop"]["state"] == {"runner_init_patched": True, "disabled_reason": None}
+    # the runner flag of the CPU seeded-chunks patch is set on bebop engines only
+    assert runs["with_bebop"]["state"] == {"runner_init_patched": True, "disabled_reason": None,
+                                           "seeded_chunks_flag": False}
     assert runs["without_bebop"]["state"]["runner_init_patched"] is False
 
 

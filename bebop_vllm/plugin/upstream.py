@@ -62,6 +62,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
     "aux_features": ("vllm.v1.spec_decode.llm_base_proposer:SpecDecodeBaseProposer.propose",
                      f"{_RUNNER}.__init__"),
     "model_runner": (f"{_RUNNER}.__init__",),
+    # wrapped: the runner's sampling step; the rewind it keeps from running on CPU generators
+    "cpu_seeded_chunks": (f"{_RUNNER}.sample_tokens", f"{_RUNNER}._bookkeeping_sync"),
     "metrics_record_class": ("vllm.v1.metrics.stats:RequestSpecDecodeMetrics",
                              "vllm.v1.core.sched.scheduler:Scheduler.add_request"),
     "metrics_wire_type": ("vllm.v1.engine:EngineCoreOutput",),

@@ -15,6 +15,7 @@ from bebop_vllm.plugin.patches import (
     aux_features,
     cpu_block_size,
     cpu_expand_fix,
+    cpu_seeded_chunks,
     draft_kv_only,
     draft_length,
     draft_sampling,
@@ -35,6 +36,7 @@ PATCHES: list[Patch] = [
     aux_features.PATCH,  # heads with aux layers: combine the captured target states (before draft_kv_only)
     draft_kv_only.PATCH,  # a K = 0 proposer pass is deferred (or only writes the heads' KV cache)
     model_runner.PATCH,  # install BebopRejectionSampler / drafting flag in the V1 runner
+    cpu_seeded_chunks.PATCH,  # CPU: a seeded request's chunked prefill no longer kills the engine
     *metrics.METRICS_PATCHES,  # per-request acceptance + entropy (LLM outputs, OpenAI, /metrics)
     *metrics_openai.OPENAI_PATCHES,  # the same metrics on every OpenAI choice (n > 1, streaming)
     # draft_length "auto"/"entropy": per-request draft counts planned in the scheduler, step-cost

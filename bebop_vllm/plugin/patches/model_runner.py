@@ -36,6 +36,11 @@ def install(runner: Any) -> None:
     opts = options_from_additional_config(runner.vllm_config.additional_config)
     if opts is None:
         return
+    if getattr(runner.device, "type", None) == "cpu":
+        # vLLM's rewind of a discarded chunk's seeded draw fails on CPU generators (cpu_seeded_chunks).
+        from bebop_vllm.plugin.patches.cpu_seeded_chunks import BEBOP_FLAG as SEEDED_CHUNKS_FLAG
+
+        setattr(runner, SEEDED_CHUNKS_FLAG, True)
     if opts.verifier == "bebop" and getattr(runner, "rejection_sampler", None) is not None:
         from bebop_vllm.plugin.verifier import BebopRejectionSampler
 
