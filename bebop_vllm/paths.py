@@ -9,7 +9,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Heads shipped in the repository for the default model: KL-trained heads fine-tuned
 # with the end-to-end TV loss (docs/training.md has the commands and the comparison).
-SHIPPED_HEADS_DIR = REPO_ROOT / "heads" / "smollm2-135m-v7"
+SHIPPED_HEADS_DIR = REPO_ROOT / "heads" / "smollm2-135m-v8"
 
 
 def bebop_home() -> Path:

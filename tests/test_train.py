@@ -404,14 +404,12 @@ def test_make_heads_chains_its_stages() -> None:
 
 
 def test_make_heads_features_recipe() -> None:
-    """The default recipe (the shipped v7): one KL stage from the identity start with aux layers, normed
-    feedback and the feature loss, then the e2e-TV fine-tune into OUT; the train data are the seed-7 sample."""
+    """The recipe of v7: one KL stage from the identity start with aux layers, normed feedback and the
+    feature loss, then the e2e-TV fine-tune into OUT; the train data are the seed-7 sample."""
     import argparse
 
-    from bebop_vllm.cli import build_parser
     from bebop_vllm.commands.make_heads import commands
 
-    assert build_parser().parse_args(["make-heads", "--out", "heads/y"]).recipe == "features"
     args = argparse.Namespace(out=Path("heads/y"), data=None, model=None, recipe="features", stages=None)
     plan = dict(commands(args))
     assert list(plan) == ["heldout", "train-data", "kl-features", "e2e-tv"]
@@ -426,15 +424,17 @@ def test_make_heads_features_recipe() -> None:
 
 
 def test_make_heads_more_data_recipe_continues_the_features_heads() -> None:
-    """more-data: the features recipe's KL heads continued on the grown sample; features itself stays
-    capped at v7's sequences so that a grown folder still reproduces v7."""
+    """more-data (the default, the shipped v8): the features recipe's KL heads continued on the grown
+    sample; features itself stays capped at v7's sequences so that a grown folder still reproduces v7."""
     import argparse
 
+    from bebop_vllm.cli import build_parser
     from bebop_vllm.commands.make_heads import commands
 
     plan = dict(commands(argparse.Namespace(out=Path("heads/m"), data=None, model=None, recipe="more-data",
                                             stages=None)))  # fmt: skip
     assert list(plan) == ["heldout", "train-data", "kl-features", "train-data-2x", "kl-2x", "e2e-tv"]
+    assert build_parser().parse_args(["make-heads", "--out", "heads/y"]).recipe == "more-data"  # the shipped v8
     assert _flag(plan["kl-2x"], "--init-from") == "heads/m-kl-features"
     assert _flag(plan["e2e-tv"], "--init-from") == "heads/m-kl-2x" and _flag(plan["e2e-tv"], "--out") == "heads/m"
     assert _flag(plan["kl-2x"], "--max-train-sequences") is None  # all of the grown sample

@@ -3,7 +3,13 @@
 A recipe is an ordered list of stages, each one resumable on its own, so a rerun continues where
 the last run stopped. Three recipes (``--recipe``):
 
-``features`` (default: what made the shipped ``smollm2-135m-v7``):
+``more-data`` (default: what made the shipped ``smollm2-135m-v8``): the features recipe's data and
+KL stage, then ``train-data-2x`` (twice the continuations per prompt, appended to the same folder),
+``kl-2x`` (the KL heads continued on all of it, a fresh 2,500-step warmup + cosine) and ``e2e-tv``
+into OUT. The features recipe caps its train stages at v7's 4,494 sequences, so it still
+reproduces v7 in a folder that this recipe grew.
+
+``features`` (what made ``smollm2-135m-v7``):
 
 1. ``heldout``: vLLM samples the held-out prompts (evaluation only, never trained on);
 2. ``train-data``: vLLM samples the train prompts of the three domains (``--seed 7``);
@@ -19,12 +25,6 @@ data without ``--seed``, then ``kl`` (KL from the identity start on the first 2,
 sequences), ``kl-all`` and ``kl-more`` (continued on all of them: the order those heads were made
 in, one work session each), ``e2e-tv`` (an e2e-TV fine-tune) and ``aux-tv`` (the aux layers added
 function-preservingly and a second e2e-TV fine-tune on the first 1,792 train sequences).
-
-``more-data`` (under way, not shipped): the features recipe's data and KL stage, then
-``train-data-2x`` (twice the continuations per prompt, appended to the same folder), ``kl-2x`` (the
-KL heads continued on all of it, a fresh 2,500-step warmup + cosine) and ``e2e-tv`` into OUT.
-The features recipe caps its train stages at v7's 4,494 sequences, so it still reproduces v7 in a
-folder that this recipe grew.
 
 Every train stage writes a heads folder (weights, ``draft_vocab.json``, metadata with held-out
 alpha per depth, ``train_log.json``, ``learning_curve.png``). Data stages run ``bebop
@@ -141,8 +141,8 @@ RECIPES: dict[str, dict[str, Stage]] = {
             init_from="kl-features",
         ),
     },
-    # Not yet run to the end (docs/training.md): the features recipe's KL heads continued on twice the
-    # data (the v7 heads held-out/train gap says data, not steps, limits them), then e2e-TV.
+    # The shipped v8 (docs/training.md): the features recipe's KL heads continued on twice the data
+    # (the v7 heads' held-out/train gap said data, not steps, limited them), then e2e-TV.
     "more-data": {
         "heldout": HELDOUT_DATA,
         "train-data": Stage("generate-data", _argv(TRAIN_DATA + " --seed 7")),
@@ -164,7 +164,7 @@ RECIPES: dict[str, dict[str, Stage]] = {
         ),
     },
 }
-DEFAULT_RECIPE = "features"
+DEFAULT_RECIPE = "more-data"
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -173,8 +173,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="reproduce the shipped default heads end to end (data, target pass, KL with aux layers, e2e-TV)",
         description="Reproduce the shipped default heads end to end: held-out and train data (vLLM), the target "
         "pass, KL training from the identity start with the target's layers 2, 15 and 27 as extra features, normed "
-        "feedback and a feature loss, then an e2e-TV fine-tune (recipe features; --recipe v6 makes the previous "
-        "heads). Every stage is resumable: rerun the same command after an interruption. Data and caches go to "
+        "feedback and a feature loss, continued on twice the data, then an e2e-TV fine-tune (recipe more-data; "
+        "--recipe features makes v7, --recipe v6 the heads before). Every stage is resumable: rerun the same "
+        "command after an interruption. Data and caches go to "
         "--data (default $BEBOP_HOME/data/smollm2-135m-selfdistill); each train stage's heads to OUT plus the "
         "stage's suffix (--dry-run lists them), the last stage's to OUT.",
     )
@@ -190,9 +191,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         "--recipe",
         choices=sorted(RECIPES),
         default=DEFAULT_RECIPE,
-        help=f"features: the shipped heads' stages ({', '.join(RECIPES['features'])}); v6: the previous heads' "
-        f"stages ({', '.join(RECIPES['v6'])}); more-data: features' KL heads continued on twice the train data "
-        f"({', '.join(RECIPES['more-data'])}; not yet run to the end) (default: {DEFAULT_RECIPE})",
+        help=f"more-data: the shipped heads' (v8) stages ({', '.join(RECIPES['more-data'])}); features: v7's "
+        f"stages ({', '.join(RECIPES['features'])}); v6: v6's stages ({', '.join(RECIPES['v6'])}) "
+        f"(default: {DEFAULT_RECIPE})",
     )
     p.add_argument(
         "--stages",
