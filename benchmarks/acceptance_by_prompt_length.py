@@ -14,8 +14,9 @@ cumulative acceptance per draft position, from the per-request metrics:
 
 Runs the engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Sampling follows the engine's
 seed (0), so a rerun on the same machine repeats the numbers; requests carry no seeds of their own
-(vLLM 0.32's CPU runner cannot rewind a CPU generator for a chunked prefill). Read a difference
-between the groups against the per-request spread printed with them.
+(the engine seed is enough here; per-request seeds with chunked prefills work on bebop CPU engines
+since the cpu_seeded_chunks patch). Read a difference between the groups against the per-request
+spread printed with them.
 """
 
 from __future__ import annotations
